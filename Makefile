@@ -1,0 +1,52 @@
+# Two commands do all the set-up: `make demo` runs the main job, `make test` runs lint, types, docs and tests.
+# Both create and fill .venv themselves; a second run reinstalls nothing unless pyproject.toml changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch build to install. The default takes the pinned wheels; GPU or CPU-only users can override it,
+# e.g. make demo TORCH_PACKAGES="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+STAMP := $(VENV)/.stamp
+
+.PHONY: demo test lint typecheck docs pytest install install-dev clean
+
+demo: $(STAMP)-base
+	$(BIN)/hybridcomp fit --config examples/digits.yaml
+
+test: lint typecheck docs pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP)-torch: | $(BIN)/python
+	$(PIP) install -q $(TORCH_PACKAGES)
+	@touch $@
+
+$(STAMP)-base: pyproject.toml $(STAMP)-torch
+	$(PIP) install -q -e .
+	@touch $@
+
+$(STAMP)-dev: pyproject.toml $(STAMP)-base
+	$(PIP) install -q -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)-base
+install-dev: $(STAMP)-dev
+
+lint: $(STAMP)-dev
+	$(BIN)/ruff check lightning_hybridcomp tests benchmarks examples
+	$(BIN)/ruff format --check lightning_hybridcomp tests benchmarks examples
+
+typecheck: $(STAMP)-dev
+	$(BIN)/mypy
+
+docs: $(STAMP)-dev
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+pytest: $(STAMP)-dev
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache runs

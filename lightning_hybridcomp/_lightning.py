@@ -1,0 +1,215 @@
+"""Lightning plumbing shared by the compression callbacks.
+
+Finding the network to compress inside any LightningModule, getting example inputs for it, and
+keeping the Trainer consistent after a callback replaced parameters (optimizers, schedulers, DDP).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+_BATCH_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
+
+
+def resolve_module(root: nn.Module, name: str | None, *, arg_name: str = "module") -> nn.Module:
+    """Return ``root`` itself for ``None``/``""``, else the submodule with fully qualified ``name``.
+
+    Raises:
+        ValueError: if no submodule has that name; the message lists the valid names.
+    """
+    if not name:
+        return root
+    modules = dict(root.named_modules())
+    if name not in modules:
+        candidates = [n for n, m in root.named_children()]
+        close = [n for n in modules if n and (name in n or n in name)][:5]
+        hint = f" Did you mean one of {close}?" if close else ""
+        raise ValueError(
+            f"Expected `{arg_name}` to be the fully qualified name of a submodule of"
+            f" {type(root).__name__}, got {name!r}. Top-level submodules: {candidates}.{hint}"
+        )
+    return modules[name]
+
+
+def replace_module_(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (fully qualified) of ``root`` by ``new``, in place."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def match_module_names(root: nn.Module, patterns: Sequence[str], *, arg_name: str) -> list[str]:
+    """Expand fully qualified names or glob patterns to the matching submodule names.
+
+    Every pattern must match at least one submodule, so that a typo cannot silently select nothing.
+
+    Raises:
+        ValueError: naming the first pattern that matches nothing.
+    """
+    names = [n for n, _ in root.named_modules() if n]
+    selected: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"Expected every entry of `{arg_name}` to match a submodule of {type(root).__name__},"
+                f" but {pattern!r} matches nothing. Names look like {names[:8]}; glob patterns such as"
+                " 'features.*' are accepted."
+            )
+        selected.extend(h for h in hits if h not in selected)
+    return selected
+
+
+def inputs_from_batch(batch: Any) -> Tensor:
+    """Pick the model input out of a training batch.
+
+    The layouts understood are a tensor, a ``(input, target, ...)`` tuple or list, and a mapping
+    with one of the keys ``x``, ``input``, ``inputs``, ``image``, ``images`` or ``pixel_values``.
+    Any other layout should pass example inputs to the callback explicitly.
+
+    Raises:
+        RuntimeError: if no input tensor can be found in the batch.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in _BATCH_INPUT_KEYS:
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    elif isinstance(batch, Sequence) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise RuntimeError(
+        f"Could not find the input tensor in a training batch of type {type(batch).__name__}. Batches are"
+        f" read as a tensor, an (input, target) sequence or a mapping with one of the keys {_BATCH_INPUT_KEYS};"
+        " for another layout pass `example_input_shape` to the callback."
+    )
+
+
+def example_inputs_for(
+    pl_module: pl.LightningModule,
+    network: nn.Module,
+    *,
+    shape: Sequence[int] | None = None,
+    batch: Any = None,
+) -> Tensor | None:
+    """Example inputs for ``network`` in the order: explicit ``shape``, ``example_input_array``, ``batch``.
+
+    ``example_input_array`` is only used when ``network`` is the LightningModule itself or when it is
+    the LightningModule's whole forward network. ``None`` means "not known yet" (wait for a batch).
+    """
+    param = next(network.parameters(), None)
+    device = param.device if param is not None else pl_module.device
+    if shape is not None:
+        return torch.randn(*shape, device=device)
+    example = pl_module.example_input_array
+    if network is pl_module and isinstance(example, Tensor):
+        return example.to(device)
+    if batch is not None:
+        inputs = inputs_from_batch(batch)
+        if network is pl_module or network is _forward_network(pl_module):
+            return inputs[:1].detach().to(device)
+        return None
+    if isinstance(example, Tensor) and network is _forward_network(pl_module):
+        return example.to(device)
+    return None
+
+
+def _forward_network(pl_module: pl.LightningModule) -> nn.Module | None:
+    """The single child module of a LightningModule that only wraps one network, else ``None``."""
+    children = [m for m in pl_module.children() if any(p.requires_grad for p in m.parameters())]
+    return children[0] if len(children) == 1 else None
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a ``LightningOptimizer``."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+@dataclass
+class TrainingStateSnapshot:
+    """Optimizer and scheduler state captured before a structural change of the network.
+
+    After parameters were replaced, :meth:`restore_` rebuilds the optimizers from
+    ``configure_optimizers``, puts back each param group's current hyperparameters (the learning
+    rate a scheduler has decayed to), the schedulers' positions, and the optimizer state of every
+    parameter whose name and shape survived the change. State of resized parameters starts afresh.
+    """
+
+    param_groups: list[list[dict[str, Any]]] = field(default_factory=list)
+    scheduler_states: list[dict[str, Any]] = field(default_factory=list)
+    state_by_name: list[dict[str, dict[str, Any]]] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainingStateSnapshot:
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        snapshot = cls()
+        for opt in map(unwrap_optimizer, trainer.optimizers):
+            snapshot.param_groups.append(
+                [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            )
+            by_name: dict[str, dict[str, Any]] = {}
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p in opt.state and id(p) in names:
+                        by_name[names[id(p)]] = {
+                            "shape": tuple(p.shape),
+                            "state": {k: v for k, v in opt.state[p].items()},
+                        }
+            snapshot.state_by_name.append(by_name)
+        snapshot.scheduler_states = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
+        return snapshot
+
+    def restore_(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rewrap DDP, rebuild optimizers and schedulers, then carry the captured state over."""
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            # The old wrapper holds buckets of the replaced parameters.
+            strategy.model = strategy._setup_model(pl_module)  # type: ignore[attr-defined]
+            register_hooks = getattr(strategy, "_register_ddp_hooks", None)
+            if register_hooks is not None:
+                register_hooks()
+        strategy.setup_optimizers(trainer)
+        params = dict(pl_module.named_parameters())
+        for opt, groups, by_name in zip(
+            map(unwrap_optimizer, strategy.optimizers), self.param_groups, self.state_by_name
+        ):
+            if len(groups) == len(opt.param_groups):
+                for new_group, old_group in zip(opt.param_groups, groups):
+                    new_group.update({k: v for k, v in old_group.items() if k in new_group})
+            for name, saved in by_name.items():
+                param = params.get(name)
+                if param is not None and tuple(param.shape) == saved["shape"]:
+                    opt.state[param] = {
+                        k: v.to(param.device) if isinstance(v, Tensor) else v
+                        for k, v in saved["state"].items()
+                    }
+        for cfg, state in zip(trainer.lr_scheduler_configs, self.scheduler_states):
+            cfg.scheduler.load_state_dict(state)
+
+
+def optimizer_parameters(trainer: pl.Trainer) -> list[Tensor]:
+    """Every parameter held by the Trainer's optimizers, in order."""
+    return [
+        p for opt in map(unwrap_optimizer, trainer.optimizers) for g in opt.param_groups for p in g["params"]
+    ]
+
+
+def is_global_zero(trainer: pl.Trainer | None) -> bool:
+    return trainer is None or trainer.is_global_zero
+
+
+def callbacks_of_type(trainer: pl.Trainer, types: type | tuple[type, ...]) -> list[Any]:
+    callbacks: list[Any] = getattr(trainer, "callbacks", [])
+    return [cb for cb in callbacks if isinstance(cb, types)]
+
+
+def first_tensor(values: Iterable[Any]) -> Tensor | None:
+    return next((v for v in values if isinstance(v, Tensor)), None)

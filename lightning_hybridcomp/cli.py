@@ -1,0 +1,96 @@
+"""The ``hybridcomp`` command: a LightningCLI over any LightningModule and datamodule.
+
+``hybridcomp fit|validate|test|predict`` take ``--model``/``--data`` class paths (the package's
+``ImageClassifier`` on the embedded digits by default) and callbacks under ``trainer.callbacks``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_hybridcomp._lightning import first_tensor
+from lightning_hybridcomp.profiling import format_table, profile_model
+
+_DEFAULT_MODEL = "lightning_hybridcomp.models.ImageClassifier"
+_DEFAULT_DATA = "lightning_hybridcomp.data.DigitsDataModule"
+
+
+class HybridCompCLI(LightningCLI):
+    """LightningCLI with the package's defaults and a compression summary after ``fit``.
+
+    After ``fit`` (and unless ``--summary false``), the fitted model is tested when it has a
+    ``test_step`` and one table is printed: test accuracy, parameters, MACs per sample and saved bytes.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--summary", type=bool, default=True, help="Test and print a summary after fit.")
+        parser.set_defaults({"model": {"class_path": _DEFAULT_MODEL}, "data": {"class_path": _DEFAULT_DATA}})
+
+    def after_fit(self) -> None:
+        if not self.config.get(self.subcommand or "fit", {}).get("summary", True):
+            return
+        if self.trainer.interrupted:
+            return
+        print_summary(self.trainer, self.model, self.datamodule)
+
+
+def _test_accuracy(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any) -> float | None:
+    if not pl.utilities.model_helpers.is_overridden("test_step", model):
+        return None
+    results = trainer.test(model, datamodule=datamodule, verbose=False)
+    metrics = results[0] if results else {}
+    for key in ("test/acc", "test_acc", "test/accuracy", "acc"):
+        if key in metrics:
+            return float(metrics[key])
+    return None
+
+
+def print_summary(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any) -> None:
+    """Test ``model`` (when it can be tested) and print accuracy, params, MACs and bytes on rank zero."""
+    accuracy = _test_accuracy(trainer, model, datamodule)
+    example: Any = model.example_input_array
+    if not hasattr(example, "shape"):
+        batch = next(iter(datamodule.test_dataloader()))
+        example = first_tensor(batch if isinstance(batch, (list, tuple)) else [batch])
+    profile = profile_model(model, example.to(model.device)) if example is not None else None
+    row: dict[str, Any] = {"model": type(model).__name__, "test accuracy": accuracy}
+    if profile is not None:
+        row.update(params=profile.params, MACs=profile.macs, bytes=profile.size_bytes)
+    rank_zero_info("\n" + format_table([row], title="hybridcomp summary"))
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``hybridcomp`` console script.
+
+    Argument errors raised by the package (``ValueError``/``TypeError`` with the offending argument in
+    the message) are printed as one line and exit with status 2 instead of a parser traceback.
+    """
+    try:
+        HybridCompCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            trainer_defaults={"default_root_dir": "runs"},
+            save_config_kwargs={"overwrite": True},
+        )
+    except (ValueError, TypeError) as err:
+        cause = _root_cause(err)
+        print(f"hybridcomp: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

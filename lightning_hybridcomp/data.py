@@ -1,0 +1,387 @@
+"""Datamodules: the embedded handwritten-digits default, CIFAR-10, MNIST and any ImageFolder tree.
+
+The digits data ships inside the package, so the default run needs no network. The torchvision
+datamodules download only when asked to (``download=True``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageFolderDataModule", "MNISTDataModule", "load_digits"]
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer, got {value!r}.")
+    return value
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"Expected `{name}` to be a float in [0, 1), got {value!r}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            "Expected `val_fraction + test_fraction` to be below 1 so that training data remains, got"
+            f" {val_fraction} + {test_fraction}."
+        )
+
+
+def _split_indices(n: int, fractions: Sequence[float], seed: int) -> list[Tensor]:
+    """Seeded random split of ``range(n)`` into ``len(fractions) + 1`` parts (the first takes the rest)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    sizes = [round(n * f) for f in fractions]
+    first = n - sum(sizes)
+    parts, start = [order[:first]], first
+    for size in sizes:
+        parts.append(order[start : start + size])
+        start += size
+    return parts
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits: ``(images uint8 [1797, 8, 8] with values 0..16, labels uint8 [1797])``.
+
+    Example::
+
+        >>> images, labels = load_digits()
+        >>> images.shape, int(images.max()), sorted(set(labels.tolist())) == list(range(10))
+        ((1797, 8, 8), 16, True)
+    """
+    resource = importlib.resources.files("lightning_hybridcomp") / "_assets" / "digits.npz"
+    with importlib.resources.as_file(resource) as path, np.load(path) as archive:
+        return archive["images"], archive["targets"]
+
+
+class _SplitDataModule(pl.LightningDataModule):
+    """Shared loaders for datamodules that hold ``train``/``val``/``test`` datasets."""
+
+    def __init__(self, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"Expected `num_workers` to be a non-negative integer, got {num_workers!r}.")
+        self.num_workers = num_workers
+        self.train_set: Dataset[Any] | None = None
+        self.val_set: Dataset[Any] | None = None
+        self.test_set: Dataset[Any] | None = None
+
+    def _loader(self, dataset: Dataset[Any] | None, *, shuffle: bool) -> DataLoader[Any]:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no data for this stage; call `setup()` first.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(_SplitDataModule):
+    """The embedded default: 1,797 handwritten digits, 10 classes, shipped with the package.
+
+    Images are scaled to [0, 1], resized with bilinear interpolation to ``image_size`` and standardised
+    with the mean and standard deviation of the training split. The train/val/test split is a seeded
+    permutation, identical on every machine and every rank for the same ``seed``.
+
+    Args:
+        batch_size: samples per batch.
+        image_size: side of the square images fed to the model (8 is the native resolution).
+        val_fraction: share of the images held out for validation.
+        test_fraction: share of the images held out for testing.
+        seed: seed of the split.
+        num_workers: DataLoader worker processes.
+
+    Raises:
+        ValueError: for a non-positive ``image_size`` or ``batch_size``, or fractions that leave no
+            training data.
+
+    Example::
+
+        >>> dm = DigitsDataModule(batch_size=32, image_size=16)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> x.shape, x.dtype, y.dtype, dm.num_classes
+        (torch.Size([32, 1, 16, 16]), torch.float32, torch.int64, 10)
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        image_size: int = 16,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        self.image_size = _check_positive_int(image_size, "image_size")
+        _check_fractions(val_fraction, test_fraction)
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.dims = (1, image_size, image_size)
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, labels = load_digits()
+        x = torch.from_numpy(images).float().div_(16.0).unsqueeze(1)
+        if self.image_size != x.shape[-1]:
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        y = torch.from_numpy(labels).long()
+        train_idx, val_idx, test_idx = _split_indices(
+            len(y), (self.val_fraction, self.test_fraction), self.seed
+        )
+        mean, std = x[train_idx].mean(), x[train_idx].std()
+        x = (x - mean) / std
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.test_set = TensorDataset(x[test_idx], y[test_idx])
+
+
+class _TorchvisionDataModule(_SplitDataModule):
+    """A torchvision dataset with a seeded validation split carved out of its training set."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        val_size: int,
+        download: bool,
+        augment: bool,
+        seed: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(f"Expected `val_size` to be a non-negative integer, got {val_size!r}.")
+        self.data_dir = str(data_dir)
+        self.val_size = val_size
+        self.download = download
+        self.augment = augment
+        self.seed = seed
+
+    def _dataset(self, train: bool, transform: Any) -> Dataset[Any]:
+        raise NotImplementedError
+
+    def _transforms(self, train: bool) -> Any:
+        from torchvision import transforms as T
+
+        return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._dataset(train=True, transform=None)
+            self._dataset(train=False, transform=None)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        try:
+            train_full = self._dataset(train=True, transform=self._transforms(train=self.augment))
+            val_full = self._dataset(train=True, transform=self._transforms(train=False))
+            self.test_set = self._dataset(train=False, transform=self._transforms(train=False))
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{type(self).__name__} found no usable data under `data_dir`={self.data_dir!r} ({err})."
+                " Pass `download=True` to fetch it, or point `data_dir` at an existing copy."
+            ) from err
+        n = len(train_full)  # type: ignore[arg-type]
+        if self.val_size >= n:
+            raise ValueError(
+                f"Expected `val_size` to be smaller than the training set ({n}), got {self.val_size}."
+            )
+        train_idx, val_idx = _split_indices(n, (self.val_size / n,), self.seed)
+        self.train_set = Subset(train_full, train_idx.tolist())
+        self.val_set = Subset(val_full, val_idx.tolist())
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10 (32x32 RGB, 10 classes) through torchvision, with crop-and-flip augmentation.
+
+    Args:
+        data_dir: folder that holds (or will hold) ``cifar-10-batches-py``.
+        batch_size: samples per batch.
+        val_size: training images held out for validation (seeded).
+        download: fetch the data when it is missing (needs the network).
+        augment: random crop with 4-pixel padding and horizontal flips on the training split.
+        seed: seed of the validation split.
+        num_workers: DataLoader worker processes.
+
+    Example::
+
+        >>> dm = CIFAR10DataModule("data/", download=False)  # doctest: +SKIP
+    """
+
+    num_classes = 10
+    dims = (3, 32, 32)
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        batch_size: int = 128,
+        val_size: int = 5000,
+        download: bool = False,
+        augment: bool = True,
+        seed: int = 0,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(data_dir, batch_size, val_size, download, augment, seed, num_workers)
+        self.save_hyperparameters()
+
+    def _transforms(self, train: bool) -> Any:
+        from torchvision import transforms as T
+
+        base = super()._transforms(train)
+        if not train:
+            return base
+        return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), base])
+
+    def _dataset(self, train: bool, transform: Any) -> Dataset[Any]:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10(self.data_dir, train=train, transform=transform, download=self.download)
+
+
+class MNISTDataModule(_TorchvisionDataModule):
+    """MNIST (28x28 grayscale, 10 classes) through torchvision.
+
+    Args:
+        data_dir: folder that holds (or will hold) ``MNIST/raw``.
+        batch_size: samples per batch.
+        val_size: training images held out for validation (seeded).
+        download: fetch the data when it is missing (needs the network).
+        seed: seed of the validation split.
+        num_workers: DataLoader worker processes.
+    """
+
+    num_classes = 10
+    dims = (1, 28, 28)
+    mean = (0.1307,)
+    std = (0.3081,)
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        batch_size: int = 128,
+        val_size: int = 5000,
+        download: bool = False,
+        seed: int = 0,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(data_dir, batch_size, val_size, download, False, seed, num_workers)
+        self.save_hyperparameters()
+
+    def _dataset(self, train: bool, transform: Any) -> Dataset[Any]:
+        from torchvision.datasets import MNIST
+
+        return MNIST(self.data_dir, train=train, transform=transform, download=self.download)
+
+
+class ImageFolderDataModule(_SplitDataModule):
+    """Your own images in the ``root/<class>/<image>`` layout of torchvision's ``ImageFolder``.
+
+    Images are resized to ``image_size`` and scaled to [-1, 1]; the split is seeded.
+
+    Args:
+        root: the folder with one sub-folder per class.
+        image_size: side of the square images fed to the model.
+        channels: 1 for grayscale, 3 for RGB.
+        batch_size: samples per batch.
+        val_fraction: share held out for validation.
+        test_fraction: share held out for testing.
+        seed: seed of the split.
+        num_workers: DataLoader worker processes.
+
+    Raises:
+        ValueError: if ``root`` does not exist or is not a folder, or for invalid sizes and fractions.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if not Path(root).is_dir():
+            raise ValueError(
+                f"Expected `root` to be an existing folder with one sub-folder per class, got {str(root)!r}."
+            )
+        self.image_size = _check_positive_int(image_size, "image_size")
+        if channels not in (1, 3):
+            raise ValueError(f"Expected `channels` to be 1 or 3, got {channels!r}.")
+        _check_fractions(val_fraction, test_fraction)
+        self.root = str(root)
+        self.channels = channels
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.dims = (channels, image_size, image_size)
+        self.classes: list[str] = []
+        self.save_hyperparameters()
+
+    @property
+    def num_classes(self) -> int:
+        if not self.classes:
+            self.setup()
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
+
+        ops: list[Any] = [T.Resize((self.image_size, self.image_size))]
+        if self.channels == 1:
+            ops.append(T.Grayscale(1))
+        ops += [T.ToTensor(), T.Normalize([0.5] * self.channels, [0.5] * self.channels)]
+        dataset = ImageFolder(self.root, transform=T.Compose(ops))
+        self.classes = list(dataset.classes)
+        train_idx, val_idx, test_idx = _split_indices(
+            len(dataset), (self.val_fraction, self.test_fraction), self.seed
+        )
+        self.train_set = Subset(dataset, train_idx.tolist())
+        self.val_set = Subset(dataset, val_idx.tolist())
+        self.test_set = Subset(dataset, test_idx.tolist())

@@ -1,0 +1,33 @@
+"""Shared fixtures: quiet, fast, deterministic Lightning runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+# Two cores: one intra-op thread per process keeps parallel DDP workers from oversubscribing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_DISABLE_FORK", "0")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+@pytest.fixture
+def trainer_kwargs(tmp_path) -> dict:
+    """Fast Trainer flags for tests."""
+    return {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+    }

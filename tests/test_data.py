@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_hybridcomp.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    load_digits,
+)
+
+
+def test_bundled_digits_are_the_full_dataset() -> None:
+    images, labels = load_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert images.max() == 16 and images.min() == 0
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+@pytest.mark.parametrize("image_size", [8, 16, 32])
+def test_digits_shapes_dtypes_and_splits(image_size: int) -> None:
+    dm = DigitsDataModule(batch_size=50, image_size=image_size)
+    dm.setup("fit")
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sizes == [1257, 270, 270] and sum(sizes) == 1797
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (50, 1, image_size, image_size) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and int(y.max()) <= 9
+    assert dm.dims == (1, image_size, image_size)
+    train_x = dm.train_set.tensors[0]
+    assert abs(float(train_x.mean())) < 1e-4 and abs(float(train_x.std()) - 1) < 1e-3
+
+
+def test_digits_split_is_deterministic_by_seed() -> None:
+    def split(seed: int) -> torch.Tensor:
+        dm = DigitsDataModule(seed=seed)
+        dm.setup()
+        return dm.test_set.tensors[1]
+
+    assert torch.equal(split(0), split(0))
+    assert not torch.equal(split(0), split(1))
+    a, b = DigitsDataModule(seed=3), DigitsDataModule(seed=3)
+    a.setup(), b.setup()
+    assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
+    # the three splits are disjoint and cover every image exactly once
+    dm = DigitsDataModule()
+    dm.setup()
+    total = torch.cat([s.tensors[1] for s in (dm.train_set, dm.val_set, dm.test_set)])
+    assert torch.equal(torch.bincount(total), torch.from_numpy(np.bincount(load_digits()[1])).long())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": -4}, "image_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_fraction": 1.2}, "val_fraction"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction \\+ test_fraction"),
+        ({"num_workers": -1}, "num_workers"),
+    ],
+)
+def test_digits_rejects_bad_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)
+
+
+def test_loader_before_setup_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="call `setup\\(\\)` first"):
+        DigitsDataModule().train_dataloader()
+
+
+# --- torchvision datamodules on local files in torchvision's on-disk formats (never the network) ---
+
+
+def _write_cifar(root, n_train_per_batch: int = 12, n_test: int = 10) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict:
+        return {
+            "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n).tolist(),
+        }
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train_per_batch)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
+    meta = {"label_names": [f"c{i}" for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+
+
+def test_cifar10_reads_local_files(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar as cifar
+
+    _write_cifar(tmp_path)
+    # The fixture files are not the real archive: check that the files exist, skip only their md5.
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    dm = CIFAR10DataModule(str(tmp_path), batch_size=8, val_size=10, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50, 10, 10)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    xt, _ = next(iter(dm.test_dataloader()))
+    assert xt.shape == (8, 3, 32, 32)
+
+
+def test_cifar10_missing_data_says_how_to_get_it(tmp_path) -> None:
+    dm = CIFAR10DataModule(str(tmp_path / "nothing"), num_workers=0)
+    with pytest.raises(RuntimeError, match="download=True"):
+        dm.setup("fit")
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    magic = {3: 0x00000803, 1: 0x00000801}[array.ndim]
+    path.write_bytes(
+        struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    )
+
+
+def test_mnist_reads_local_idx_files(tmp_path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 12)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+    dm = MNISTDataModule(str(tmp_path), batch_size=6, val_size=6, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 6, 12)
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (6, 1, 28, 28) and y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder(tmp_path, channels: int) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog", "eel"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, channels=channels, batch_size=4, num_workers=0)
+    assert dm.num_classes == 3 and dm.classes == ["cat", "dog", "eel"]
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 3, 3)
+    x, _y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, channels, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+
+
+def test_image_folder_missing_path(tmp_path) -> None:
+    with pytest.raises(ValueError, match="`root` to be an existing folder"):
+        ImageFolderDataModule(str(tmp_path / "missing"))
+
+
+def test_image_folder_bad_channels(tmp_path) -> None:
+    with pytest.raises(ValueError, match="`channels` to be 1 or 3"):
+        ImageFolderDataModule(str(tmp_path), channels=2)
