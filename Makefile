@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.stamp
+LINT_PATHS := $(wildcard lightning_hybridcomp tests benchmarks examples)
 
 .PHONY: demo test lint typecheck docs pytest install install-dev clean
 
@@ -36,8 +37,8 @@ install: $(STAMP)-base
 install-dev: $(STAMP)-dev
 
 lint: $(STAMP)-dev
-	$(BIN)/ruff check lightning_hybridcomp tests benchmarks examples
-	$(BIN)/ruff format --check lightning_hybridcomp tests benchmarks examples
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)-dev
 	$(BIN)/mypy
