@@ -1,0 +1,323 @@
+"""The pipeline's configuration: typed sections read from YAML, checked key by key.
+
+Every section rejects unknown keys with the list of valid ones, and component arguments are checked
+against the component's constructor, so a typo fails before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "BaselineConfig",
+    "ComponentConfig",
+    "EvaluationConfig",
+    "ExpertConfig",
+    "MoEConfig",
+    "PipelineConfig",
+    "PipelineError",
+    "load_pipeline_config",
+    "parse_pipeline_config",
+]
+
+
+class PipelineError(RuntimeError):
+    """A pipeline run cannot go on: a run directory of another configuration, or a phase that failed."""
+
+
+def _check_keys(section: str, given: dict[str, Any], valid: list[str]) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        where = f"`{section}`" if section else "the pipeline config"
+        raise ValueError(f"Unknown key(s) {unknown} in {where}. Valid keys: {valid}.")
+
+
+def import_class(class_path: str, *, section: str) -> type:
+    """Import ``package.module.Class``; errors name the section and the class path."""
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"Expected `{section}.class_path` to be 'package.module.Class', got {class_path!r}.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"Cannot import module {module_name!r} of `{section}.class_path` ({err}).") from err
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        public = [n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_")]
+        raise ValueError(
+            f"Unknown component {name!r} in `{section}.class_path`: {module_name} has no such class."
+            f" Classes there: {sorted(public)}."
+        )
+    return cls
+
+
+def check_init_args(cls: type, init_args: dict[str, Any], *, section: str) -> None:
+    """Reject keyword arguments that ``cls.__init__`` does not take, listing the ones it does."""
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n in params if n != "self"]
+    _check_keys(section, init_args, valid)
+
+
+@dataclass
+class ComponentConfig:
+    """A class given by import path with its constructor arguments, as in LightningCLI YAML."""
+
+    class_path: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, base: type, *, section: str) -> type:
+        cls = import_class(self.class_path, section=section)
+        if not issubclass(cls, base):
+            raise ValueError(
+                f"Expected `{section}.class_path` to name a subclass of {base.__name__}, got {self.class_path!r}."
+            )
+        check_init_args(cls, self.init_args, section=f"{section}.init_args")
+        return cls
+
+    def instantiate(self, base: type, *, section: str) -> Any:
+        return self.resolve(base, section=section)(**self.init_args)
+
+
+@dataclass
+class BaselineConfig:
+    """Phase 0: the uncompressed model.
+
+    Attributes:
+        model: the LightningModule to train (any class path; ``ImageClassifier`` by default).
+        checkpoint: a Lightning checkpoint to start from instead of training (its weights must fit
+            ``model``); ``max_epochs`` then fine-tunes it further when positive.
+        max_epochs: training epochs.
+    """
+
+    model: ComponentConfig = field(
+        default_factory=lambda: ComponentConfig(
+            "lightning_hybridcomp.models.ImageClassifier",
+            {"backbone": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 16, "lr": 3e-3},
+        )
+    )
+    checkpoint: str | None = None
+    max_epochs: int = 8
+
+
+@dataclass
+class ExpertConfig:
+    """Phase 1: one expert, a copy of the baseline put through pruning and then QAT.
+
+    Attributes:
+        name: folder and table name of the expert.
+        pruning: ``StructuredPruning`` arguments, or ``None`` to skip pruning.
+        quantization: ``QuantizationAwareTraining`` arguments, or ``None`` to keep fp32.
+        max_epochs: fine-tuning epochs of this expert (pruning steps and QAT happen within them).
+        seed: seed of this expert's fine-tuning (data order, random importance).
+        lr: learning rate for the fine-tuning, overriding the baseline model's ``lr`` when set.
+    """
+
+    name: str
+    pruning: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    max_epochs: int = 6
+    seed: int = 0
+    lr: float | None = None
+
+
+@dataclass
+class MoEConfig:
+    """Phase 2: the Mixture of Experts over the expert artifacts, one run per ``top_k``.
+
+    Attributes:
+        top_k: the k values to train and report.
+        max_epochs: gate training epochs.
+        options: further ``MoELightningModule`` arguments (gate, coefficients, ...).
+    """
+
+    top_k: list[int] = field(default_factory=lambda: [1, 2])
+    max_epochs: int = 6
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    """Phase 3: how every model is measured on the test split.
+
+    Attributes:
+        latency_batch_sizes: the batch sizes timed (the report shows 1 and 64).
+        repeats: timed forward passes per measurement (median reported).
+        warmup: untimed calls first.
+        compile: time ``torch.compile``-d programs (inductor freezing), where int8 kernels are fast.
+    """
+
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    repeats: int = 20
+    warmup: int = 5
+    compile: bool = True
+
+
+def _default_experts() -> list[ExpertConfig]:
+    qat = {"backend": "x86_pt2e"}
+    return [
+        ExpertConfig("l2-50", {"pruning_ratio": 0.5, "importance": "l2", "iterative_steps": 2}, qat, seed=1),
+        ExpertConfig(
+            "lamp-60", {"pruning_ratio": 0.6, "importance": "lamp", "iterative_steps": 2}, qat, seed=2
+        ),
+        ExpertConfig(
+            "fpgm-40", {"pruning_ratio": 0.4, "importance": "fpgm", "iterative_steps": 2}, qat, seed=3
+        ),
+        ExpertConfig("l1-55", {"pruning_ratio": 0.55, "importance": "l1", "iterative_steps": 2}, qat, seed=4),
+    ]
+
+
+@dataclass
+class PipelineConfig:
+    """The whole run: data, baseline, experts, MoE, evaluation.
+
+    Attributes:
+        run_dir: folder of everything the run writes; re-running resumes from it.
+        seed: global seed.
+        data: the datamodule (any class path; the embedded digits by default).
+        baseline: phase 0.
+        experts: phase 1, one entry per expert (at least one; the MoE needs two).
+        moe: phase 2.
+        evaluation: phase 3.
+        trainer: extra ``Trainer`` arguments for every phase (``accelerator``, ``devices``,
+            ``precision``, ``enable_progress_bar``, ``limit_train_batches``, ...).
+    """
+
+    run_dir: str = "runs/pipeline"
+    seed: int = 0
+    data: ComponentConfig = field(
+        default_factory=lambda: ComponentConfig(
+            "lightning_hybridcomp.data.DigitsDataModule", {"batch_size": 64, "image_size": 16}
+        )
+    )
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    experts: list[ExpertConfig] = field(default_factory=_default_experts)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the results (``run_dir`` excluded)."""
+        content = {k: v for k, v in asdict(self).items() if k != "run_dir"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "baseline": BaselineConfig,
+    "moe": MoEConfig,
+    "evaluation": EvaluationConfig,
+}
+
+
+def _component(value: Any, section: str) -> ComponentConfig:
+    if isinstance(value, str):
+        return ComponentConfig(value)
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"Expected `{section}` to be a mapping with `class_path` and `init_args`, got {value!r}."
+        )
+    _check_keys(section, value, ["class_path", "init_args"])
+    if "class_path" not in value:
+        raise ValueError(f"Expected `{section}.class_path`, got only {sorted(value)}.")
+    return ComponentConfig(str(value["class_path"]), dict(value.get("init_args") or {}))
+
+
+def _build(cls: type, value: Any, section: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"Expected `{section}` to be a mapping, got {value!r}.")
+    names = [f.name for f in fields(cls)]
+    _check_keys(section, value, names)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in value:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"Missing required key `{section}.{f.name}`.")
+            continue
+        item = value[f.name]
+        if f.name in ("model", "data"):
+            item = _component(item, f"{section}.{f.name}" if section else f.name)
+        elif f.name in _SECTIONS and cls is PipelineConfig:
+            item = _build(_SECTIONS[f.name], item, f.name)
+        elif f.name == "experts" and cls is PipelineConfig:
+            if not isinstance(item, list) or not item:
+                raise ValueError(
+                    f"Expected `experts` to be a non-empty list of expert entries, got {item!r}."
+                )
+            item = [_build(ExpertConfig, e, f"experts[{i}]") for i, e in enumerate(item)]
+        kwargs[f.name] = item
+    return cls(**kwargs)
+
+
+def _validate(config: PipelineConfig) -> None:
+    names = [e.name for e in config.experts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected unique expert names, got {names}.")
+    for e in config.experts:
+        if not e.name or any(c in e.name for c in "/\\ ") or e.name.startswith("."):
+            raise ValueError(f"Expected expert `name` to be a plain folder name, got {e.name!r}.")
+        if e.max_epochs < 1:
+            raise ValueError(f"Expected `experts[{e.name}].max_epochs` >= 1, got {e.max_epochs}.")
+    if config.baseline.max_epochs < 0 or (config.baseline.max_epochs == 0 and not config.baseline.checkpoint):
+        raise ValueError(
+            "Expected `baseline.max_epochs` >= 1 (or 0 together with `baseline.checkpoint`), got"
+            f" {config.baseline.max_epochs}."
+        )
+    if not config.moe.top_k or any(not isinstance(k, int) or k < 1 for k in config.moe.top_k):
+        raise ValueError(f"Expected `moe.top_k` to be a list of positive integers, got {config.moe.top_k!r}.")
+    if len(config.experts) >= 2 and max(config.moe.top_k) > len(config.experts):
+        raise ValueError(
+            f"Expected every `moe.top_k` to be at most the number of experts ({len(config.experts)}),"
+            f" got {config.moe.top_k}."
+        )
+    if any(b < 1 for b in config.evaluation.latency_batch_sizes):
+        raise ValueError(
+            f"Expected positive `evaluation.latency_batch_sizes`, got {config.evaluation.latency_batch_sizes}."
+        )
+
+
+def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:
+    """Build and check a :class:`PipelineConfig` from a plain mapping (``None`` gives the defaults).
+
+    Raises:
+        ValueError: for unknown keys (the message lists the valid ones), unknown components, arguments a
+            component does not take, an empty expert list, or inconsistent values.
+
+    Example::
+
+        >>> parse_pipeline_config({"moe": {"top_k": [2]}}).moe.top_k
+        [2]
+    """
+    config = _build(PipelineConfig, raw or {}, "")
+    _validate(config)
+    return config
+
+
+def load_pipeline_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML file (``None`` for the embedded default) and apply top-level overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise ValueError(f"Expected `--config` to be an existing YAML file, got {str(path)!r}.") from err
+        except yaml.YAMLError as err:
+            raise ValueError(f"Could not parse the pipeline config {str(path)!r}: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(
+                f"Expected the pipeline config {str(path)!r} to be a mapping, got {type(loaded).__name__}."
+            )
+        raw = loaded or {}
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_pipeline_config(raw)

@@ -1,0 +1,179 @@
+"""The pipeline's report: one table of figures as Markdown, JSON and a Pareto plot.
+
+Pure functions over measured rows; nothing here trains or measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_hybridcomp.profiling import format_table
+
+__all__ = ["ResultRow", "pareto_front", "write_report"]
+
+_FIGURES = ("accuracy", "params", "macs", "bytes", "latency_b1_ms", "latency_b64_ms")
+
+
+@dataclass
+class ResultRow:
+    """The measured figures of one model of a pipeline run.
+
+    Attributes:
+        name: model name shown in the table (``baseline``, the expert names, ``moe-k2``, ...).
+        kind: ``"baseline"``, ``"expert"`` or ``"moe"``.
+        accuracy: test accuracy in [0, 1].
+        params: parameter elements (for an MoE: the gate plus all experts).
+        macs: MACs per sample (for an MoE: the expected MACs given the measured routing).
+        bytes: bytes on disk of the deployable files (for an MoE: the gate plus all experts).
+        latency_b1_ms: median CPU latency at batch size 1.
+        latency_b64_ms: median CPU latency at batch size 64.
+        extra: anything else worth recording (steps applied, expert loads, ...).
+    """
+
+    name: str
+    kind: str
+    accuracy: float
+    params: int
+    macs: float
+    bytes: int
+    latency_b1_ms: float | None = None
+    latency_b64_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ratios(row: ResultRow, baseline: ResultRow) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in _FIGURES[1:]:
+        value, ref = getattr(row, key), getattr(baseline, key)
+        out[key] = None if value is None or not ref else value / ref
+    return out
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated in (lower cost, higher accuracy), sorted by cost.
+
+    Example::
+
+        >>> pareto_front([(10, 0.9), (5, 0.8), (6, 0.7), (20, 0.95)])
+        [1, 0, 3]
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _plot(rows: Sequence[ResultRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"baseline": "black", "expert": "tab:blue", "moe": "tab:red"}
+    markers = {"baseline": "*", "expert": "o", "moe": "D"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    for ax, key, label in ((axes[0], "macs", "MACs per sample"), (axes[1], "bytes", "bytes on disk")):
+        points = [(float(getattr(r, key)), 100 * r.accuracy) for r in rows]
+        for row, (x, y) in zip(rows, points):
+            ax.scatter(
+                x, y, c=colours.get(row.kind, "grey"), marker=markers.get(row.kind, "o"), s=60, zorder=3
+            )
+            ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(points)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", c="grey", lw=1, zorder=2)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Accuracy against cost: baseline (star), experts (circles), MoE (diamonds)")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def report_table(rows: Sequence[ResultRow]) -> str:
+    """The report's Markdown table: every figure, and each as a ratio to the baseline row."""
+    baseline = next((r for r in rows if r.kind == "baseline"), rows[0])
+    table = []
+    for row in rows:
+        ratios = _ratios(row, baseline)
+        table.append(
+            {
+                "model": row.name,
+                "test acc (%)": round(100 * row.accuracy, 2),
+                "params": row.params,
+                "x params": ratios["params"],
+                "MACs/sample": round(row.macs),
+                "x MACs": ratios["macs"],
+                "bytes": row.bytes,
+                "x bytes": ratios["bytes"],
+                "ms @1": row.latency_b1_ms,
+                "x ms @1": ratios["latency_b1_ms"],
+                "ms @64": row.latency_b64_ms,
+                "x ms @64": ratios["latency_b64_ms"],
+            }
+        )
+    return format_table(table)
+
+
+def write_report(
+    run_dir: str | os.PathLike[str],
+    rows: Sequence[ResultRow],
+    *,
+    header: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``results.json`` and ``pareto.png`` into ``run_dir``.
+
+    Each file is written to a temporary name first and renamed, so an interrupted write never leaves a
+    half-written report behind.
+
+    Raises:
+        ValueError: if ``rows`` is empty.
+    """
+    if not rows:
+        raise ValueError("Expected at least one result row to report, got none.")
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = next((r for r in rows if r.kind == "baseline"), rows[0])
+    results = {
+        "metadata": metadata or {},
+        "baseline": baseline.name,
+        "models": [{**asdict(r), "ratios": _ratios(r, baseline)} for r in rows],
+    }
+    paths = {"report": out / "report.md", "results": out / "results.json", "pareto": out / "pareto.png"}
+    _atomic_write(paths["results"], json.dumps(results, indent=2).encode())
+    text = "\n".join(
+        [
+            "# hybridcomp pipeline report",
+            "",
+            header,
+            "",
+            report_table(rows),
+            "",
+            "Ratios are to the baseline. Latency is the median CPU forward time at batch 1 and 64, measured",
+            "side by side in one run.",
+            "",
+            "![accuracy against cost](pareto.png)",
+            "",
+        ]
+    )
+    _atomic_write(paths["report"], text.encode())
+    _plot(rows, paths["pareto"])
+    return paths
