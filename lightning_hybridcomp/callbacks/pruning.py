@@ -1,0 +1,952 @@
+"""``StructuredPruning``: a Lightning callback that removes whole channels from any LightningModule during fit.
+
+Also :func:`load_pruned_model`, which rebuilds the pruned network from any checkpoint the callback wrote.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch_pruning as tp
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_hybridcomp._lightning import (
+    TrainingStateSnapshot,
+    _forward_network,
+    inputs_from_batch,
+    resolve_module,
+)
+from lightning_hybridcomp.callbacks._pruning_utils import (
+    APPLIED_HISTORY_ATTR,
+    IMPORTANCE_NAMES,
+    PRUNER_NAMES,
+    REGULARIZING_PRUNERS,
+    AgreedImportance,
+    ParameterSlicing,
+    PruningRecord,
+    apply_structure_,
+    eager_mode,
+    example_from_spec,
+    make_importance,
+    match_names,
+    output_layers,
+    plain_records,
+    preserved_modes,
+    preserved_requires_grad,
+    prunable_groups,
+    pruner_class,
+    unwrap_compiled,
+)
+from lightning_hybridcomp.profiling import count_macs_and_params
+
+__all__ = ["StructuredPruning", "load_pruned_model"]
+
+_STATE_VERSION = 1
+# torch-pruning steps behind a cost target or a global ranking: each removes about 1% of the channels, so
+# a cost target is met to within that, and a layer exceeds `max_layer_ratio` by at most that (torch-pruning
+# checks the cap before a step, not within it).
+_MICRO_STEPS = 100
+_ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class StructuredPruning(Callback):
+    """Iterative structured pruning with torch-pruning's dependency graph: channels really go away.
+
+    Whole filters/channels are removed from the network together with everything coupled to them
+    (BatchNorm, the next layer's inputs, residual additions, concatenations, depthwise convolutions), so
+    parameters, MACs, checkpoint bytes and latency all go down. The pruning runs in ``iterative_steps``
+    steps, each applied at the start of a training epoch (before its first optimizer step) and followed by
+    ``epochs_between_steps`` epochs of fine-tuning. After each step the optimizers and LR schedulers are
+    rebuilt on the new parameters (learning rates and scheduler positions kept, optimizer moments sliced
+    to the surviving channels) and a DDP wrapper is rebuilt.
+
+    The pruned structure travels with every checkpoint: resuming with ``trainer.fit(ckpt_path=...)``
+    continues the schedule without pruning twice, ``trainer.validate/test/predict(ckpt_path=...)`` work
+    with this callback in the Trainer, and :func:`load_pruned_model` rebuilds the model for inference.
+
+    Args:
+        pruning_ratio: fraction of channels to remove from every prunable layer (per layer, or over the
+            whole network with ``global_pruning``), in ``[0, 1)``. Defaults to ``0.5`` when no cost target
+            is set.
+        target_macs_ratio: instead of a channel ratio, keep at most this fraction of the original MACs, in
+            ``(0, 1]``. Step ``k`` of ``n`` prunes until ``1 - (1 - target) * k / n`` of the MACs are left.
+        target_params_ratio: the same as ``target_macs_ratio`` for the parameter count.
+        iterative_steps: number of pruning steps (at least 1).
+        start_epoch: epoch at whose start the first step is applied.
+        epochs_between_steps: fine-tuning epochs after each step before the next one.
+        importance: ``"l1"``, ``"l2"`` (group weight magnitude), ``"taylor"`` (first-order Taylor on the
+            gradients of the training batches since the previous step), ``"bn_scale"``, ``"lamp"``,
+            ``"fpgm"``, ``"random"`` (a control), or a ``torch_pruning.importance.Importance`` instance.
+        pruner: ``"base"`` (no regularisation) or a sparsity-regularising pruner: ``"group_norm"``,
+            ``"bn_scale"`` or ``"growing_reg"``. The regulariser is applied to the gradients after
+            backward and before every optimizer step (after AMP unscaling) until the last step.
+        regularization: coefficient of the sparsity regulariser (torch-pruning's default when ``None``);
+            only for regularising pruners.
+        global_pruning: rank channels over the whole network instead of per layer.
+        network: fully qualified name of the submodule to prune; ``""`` prunes the LightningModule itself.
+        ignored_layers: fully qualified names or glob patterns (as ``pl_module.named_modules()`` prints
+            them) of layers whose output channels are kept.
+        keep_output_layers: keep the layers that produce the network's output (the classifier head),
+            detected from the dependency graph.
+        round_to: keep every pruned layer's channel count a multiple of this number.
+        max_layer_ratio: at most this fraction of any single layer's original channels is removed, in
+            ``(0, 1]``.
+        example_input_shape: shape (with batch dimension) of a random input used to trace the network.
+            Needed when ``network`` is a submodule that is not the LightningModule's whole forward
+            network; otherwise ``example_input_array`` or the first training batch is used.
+        verbose: print a one-line summary on rank zero after each step.
+
+    Raises:
+        ValueError: for an argument outside its range or an unknown name (eagerly, here) and, in
+            ``setup``, for a network or ignored layer that does not exist, no way to get example inputs, a
+            schedule that prunes after ``max_epochs``, Lightning's ``ModelPruning`` in the same Trainer, or
+            a process-spawning strategy.
+        TypeError: for arguments of the wrong type.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> pruning = StructuredPruning(target_macs_ratio=0.3, iterative_steps=3, start_epoch=1)
+        >>> pruning.last_step_epoch is None  # known once the Trainer has set the callback up
+        True
+        >>> trainer = Trainer(max_epochs=8, callbacks=[pruning])
+        >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
+        >>> pruned = load_pruned_model(trainer.checkpoint_callback.last_model_path, type(model))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pruning_ratio: float | None = None,
+        target_macs_ratio: float | None = None,
+        target_params_ratio: float | None = None,
+        iterative_steps: int = 3,
+        start_epoch: int = 0,
+        epochs_between_steps: int = 1,
+        importance: str | tp.importance.Importance = "l1",
+        pruner: str = "base",
+        regularization: float | None = None,
+        global_pruning: bool = False,
+        network: str = "",
+        ignored_layers: list[str] | None = None,
+        keep_output_layers: bool = True,
+        round_to: int | None = None,
+        max_layer_ratio: float = 1.0,
+        example_input_shape: list[int] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        targets = {
+            "pruning_ratio": pruning_ratio,
+            "target_macs_ratio": target_macs_ratio,
+            "target_params_ratio": target_params_ratio,
+        }
+        given = [k for k, v in targets.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"Expected at most one of `pruning_ratio`, `target_macs_ratio` and `target_params_ratio`, got {given}."
+                " Use `pruning_ratio` for a fraction of channels, or a target for a fraction of MACs/params to keep."
+            )
+        if pruning_ratio is not None and not (_is_number(pruning_ratio) and 0.0 <= pruning_ratio < 1.0):
+            raise ValueError(
+                f"Expected `pruning_ratio` to be a float in [0, 1) (the fraction of channels removed), got"
+                f" {pruning_ratio!r}."
+            )
+        for name in ("target_macs_ratio", "target_params_ratio"):
+            value = targets[name]
+            if value is not None and not (_is_number(value) and 0.0 < value <= 1.0):
+                raise ValueError(
+                    f"Expected `{name}` to be a float in (0, 1] (the fraction of the original cost kept), got"
+                    f" {value!r}. For example 0.3 keeps at most 30%."
+                )
+        for name, value, low in (
+            ("iterative_steps", iterative_steps, 1),
+            ("start_epoch", start_epoch, 0),
+            ("epochs_between_steps", epochs_between_steps, 1),
+        ):
+            if not _is_int(value) or value < low:
+                raise ValueError(f"Expected `{name}` to be an integer >= {low}, got {value!r}.")
+        if isinstance(importance, str):
+            if importance.lower() not in IMPORTANCE_NAMES:
+                raise ValueError(
+                    f"Expected `importance` to be a torch-pruning Importance instance or one of {IMPORTANCE_NAMES},"
+                    f" got {importance!r}."
+                )
+        elif not isinstance(importance, tp.importance.Importance):
+            raise TypeError(
+                f"Expected `importance` to be a name or a `torch_pruning.importance.Importance` instance, got"
+                f" {type(importance).__name__}."
+            )
+        if not isinstance(pruner, str) or pruner.lower() not in PRUNER_NAMES:
+            raise ValueError(f"Expected `pruner` to be one of {PRUNER_NAMES}, got {pruner!r}.")
+        if regularization is not None:
+            if pruner.lower() not in REGULARIZING_PRUNERS:
+                raise ValueError(
+                    f"Expected `regularization` to be None for pruner {pruner!r}, got {regularization!r}. Sparsity"
+                    f" regularisation needs one of the pruners {REGULARIZING_PRUNERS}."
+                )
+            if not (_is_number(regularization) and regularization > 0):
+                raise ValueError(f"Expected `regularization` to be a positive float, got {regularization!r}.")
+        if not isinstance(global_pruning, bool):
+            raise TypeError(f"Expected `global_pruning` to be a bool, got {type(global_pruning).__name__}.")
+        if not isinstance(network, str):
+            raise TypeError(
+                f"Expected `network` to be the fully qualified name of a submodule (a str, '' for the whole"
+                f" LightningModule), got {type(network).__name__}. Layers are selected by name, not by object."
+            )
+        ignored = list(ignored_layers or [])
+        bad = [layer for layer in ignored if not isinstance(layer, str)]
+        if bad:
+            raise TypeError(
+                "Expected `ignored_layers` to be a list of fully qualified names or glob patterns (str), got"
+                f" {type(bad[0]).__name__}. Write e.g. ['net.fc', 'net.layer4.*'] instead of module objects."
+            )
+        if round_to is not None and (not _is_int(round_to) or round_to < 1):
+            raise ValueError(f"Expected `round_to` to be None or a positive integer, got {round_to!r}.")
+        if not (_is_number(max_layer_ratio) and 0.0 < max_layer_ratio <= 1.0):
+            raise ValueError(f"Expected `max_layer_ratio` to be a float in (0, 1], got {max_layer_ratio!r}.")
+        if example_input_shape is not None and (
+            not isinstance(example_input_shape, (list, tuple))
+            or not example_input_shape
+            or not all(_is_int(s) and s > 0 for s in example_input_shape)
+        ):
+            raise ValueError(
+                "Expected `example_input_shape` to be a list of positive integers including the batch dimension,"
+                f" e.g. [1, 3, 32, 32], got {example_input_shape!r}."
+            )
+        self._taylor = (isinstance(importance, str) and importance.lower() == "taylor") or isinstance(
+            importance, tp.importance.GroupTaylorImportance
+        )
+        if self._taylor and start_epoch == 0:
+            raise ValueError(
+                "Expected `start_epoch` >= 1 with Taylor importance, got 0: Taylor scores need the gradients of at"
+                " least one epoch of training before the first step."
+            )
+
+        self.pruning_ratio = 0.5 if not given else pruning_ratio
+        self.target_macs_ratio = target_macs_ratio
+        self.target_params_ratio = target_params_ratio
+        self.iterative_steps = iterative_steps
+        self.start_epoch = start_epoch
+        self.epochs_between_steps = epochs_between_steps
+        self.importance = importance.lower() if isinstance(importance, str) else importance
+        self.pruner = pruner.lower()
+        self.regularization = regularization
+        self.global_pruning = global_pruning
+        self.network = network
+        self.ignored_layers = ignored
+        self.keep_output_layers = keep_output_layers
+        self.round_to = round_to
+        self.max_layer_ratio = float(max_layer_ratio)
+        self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
+        self.verbose = verbose
+
+        # Checkpointed state (plain values).
+        self._steps_done = 0
+        self._pruner_step = 0
+        self._history: list[PruningRecord] = []
+        self._example_spec: tuple[list[int], str] | None = None
+        self._initial_cost: tuple[int, int] | None = None  # (macs, params) before any step
+        self._cost: tuple[int, int] | None = None
+        self._initial_channels: dict[str, list[int | None]] = {}
+        self._scope_channels: dict[str, int] = {}
+        self._exhausted = False
+        self._taylor_gradients: dict[str, Tensor] = {}
+        self._summaries: list[dict[str, Any]] = []
+
+        # Runtime objects, rebuilt every run.
+        self._schedule: list[int] | None = None
+        self._example: Tensor | None = None
+        self._ignored_names: list[str] = []
+        self._pruner: tp.pruner.BasePruner | None = None
+        self._agreement: AgreedImportance | None = None
+        self._interceptor: tuple[pl.LightningModule, Any] | None = None
+        self._logged_epoch = -1
+
+    # ------------------------------------------------------------------ public read-only state
+
+    @property
+    def last_step_epoch(self) -> int | None:
+        """Epoch at whose start the last pruning step is applied (known after ``setup``, ``None`` before)."""
+        return self._schedule[-1] if self._schedule is not None else None
+
+    @property
+    def finished(self) -> bool:
+        """Whether every pruning step is done (or a cost target proved unreachable and pruning stopped)."""
+        return self._steps_done >= self.iterative_steps or self._exhausted
+
+    @property
+    def steps_done(self) -> int:
+        """Number of pruning steps applied so far."""
+        return self._steps_done
+
+    @property
+    def step_summaries(self) -> list[dict[str, Any]]:
+        """One plain dict per applied step: ``step``, ``epoch``, ``params``, ``macs``, ``macs_ratio``, ``seconds``."""
+        return [dict(s) for s in self._summaries]
+
+    def pruning_history(self) -> list[PruningRecord]:
+        """torch-pruning's records of every channel removal so far (plain lists, replayable on a fresh model)."""
+        return [list(r) for r in self._history]
+
+    @property
+    def _cost_target(self) -> tuple[str, float] | None:
+        if self.target_macs_ratio is not None:
+            return "macs", float(self.target_macs_ratio)
+        if self.target_params_ratio is not None:
+            return "params", float(self.target_params_ratio)
+        return None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_trainer(trainer, stage)
+        network = self._resolve_network(pl_module)
+        candidates = self._names_inside(pl_module, network)
+        self._ignored_names = match_names(candidates, self.ignored_layers, arg_name="ignored_layers")
+        self._schedule = [
+            self.start_epoch + i * self.epochs_between_steps for i in range(self.iterative_steps)
+        ]
+        self._logged_epoch = -1
+        if stage == "fit":
+            self._check_example_source(pl_module, network)
+            self._check_schedule(trainer)
+        self.restore_structure_(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        network = self._resolve_network(pl_module)
+        applied = getattr(network, APPLIED_HISTORY_ATTR, [])
+        if applied != self._history:
+            raise RuntimeError(
+                f"The network carries {len(applied)} pruning records but this StructuredPruning state holds"
+                f" {len(self._history)}: the callback was already used for another model or the model was pruned"
+                " elsewhere. Use a new StructuredPruning instance with a freshly constructed model, or resume with"
+                " `trainer.fit(model, ckpt_path=...)`."
+            )
+        if not self.finished:
+            self._ensure_pruner(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.finished and self._ensure_pruner(trainer, pl_module):
+            self._run_due_steps(trainer, pl_module)
+        self._log(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Only while the example inputs are still unknown: they come from this first batch.
+        if self.finished or self._pruner is not None:
+            return
+        if self._ensure_pruner(trainer, pl_module, batch=batch):
+            self._run_due_steps(trainer, pl_module)
+            self._log(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.finished or self._pruner is None:
+            return
+        network = self._resolve_network(pl_module)
+        if self._taylor:
+            self._accumulate_taylor_gradients(network)
+        if self.pruner in REGULARIZING_PRUNERS:
+            # Grads are unscaled here (AMP) and the optimizer has not consumed them yet.
+            self._pruner.regularize(network)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self._pruner is not None
+            and not self.finished
+            and isinstance(self._pruner, tp.pruner.GrowingRegPruner)
+        ):
+            self._pruner.update_reg()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.finished:
+            rank_zero_warn(
+                f"StructuredPruning: training ended after {self._steps_done} of {self.iterative_steps} pruning steps"
+                f" (schedule: epochs {self._schedule}); the model is only partly pruned. Raise `max_epochs` or the"
+                " EarlyStopping patience."
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._interceptor is not None:
+            module, wrapper = self._interceptor
+            if module.__dict__.get("on_load_checkpoint") is wrapper:
+                del module.__dict__["on_load_checkpoint"]
+            self._interceptor = None
+        self._release_pruner()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "network": self.network,
+            "history": plain_records(self._history),
+            "steps_done": self._steps_done,
+            "pruner_step": self._pruner_step,
+            "iterative_steps": self.iterative_steps,
+            "example_input_shape": list(self._example_spec[0]) if self._example_spec else None,
+            "example_input_dtype": self._example_spec[1] if self._example_spec else None,
+            "initial_macs": self._initial_cost[0] if self._initial_cost else None,
+            "initial_params": self._initial_cost[1] if self._initial_cost else None,
+            "macs": self._cost[0] if self._cost else None,
+            "params": self._cost[1] if self._cost else None,
+            "initial_channels": {k: list(v) for k, v in self._initial_channels.items()},
+            "scope_channels": dict(self._scope_channels),
+            "exhausted": self._exhausted,
+            "summaries": [dict(s) for s in self._summaries],
+            "taylor_gradients": {k: v.detach().cpu() for k, v in self._taylor_gradients.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history = plain_records(state_dict.get("history", []))
+        self._steps_done = int(state_dict.get("steps_done", 0))
+        self._pruner_step = int(state_dict.get("pruner_step", 0))
+        shape, dtype = state_dict.get("example_input_shape"), state_dict.get("example_input_dtype")
+        self._example_spec = (list(shape), str(dtype)) if shape is not None and dtype is not None else None
+        if state_dict.get("initial_macs") is not None:
+            self._initial_cost = (int(state_dict["initial_macs"]), int(state_dict["initial_params"]))
+        if state_dict.get("macs") is not None:
+            self._cost = (int(state_dict["macs"]), int(state_dict["params"]))
+        self._initial_channels = {k: list(v) for k, v in state_dict.get("initial_channels", {}).items()}
+        self._scope_channels = dict(state_dict.get("scope_channels", {}))
+        self._exhausted = bool(state_dict.get("exhausted", False))
+        self._summaries = [dict(s) for s in state_dict.get("summaries", [])]
+        self._taylor_gradients = dict(state_dict.get("taylor_gradients", {}))
+        saved_steps = state_dict.get("iterative_steps", self.iterative_steps)
+        if saved_steps != self.iterative_steps:
+            rank_zero_warn(
+                f"StructuredPruning: the checkpoint was written with iterative_steps={saved_steps}, this callback has"
+                f" {self.iterative_steps}; the remaining steps follow the new schedule."
+            )
+
+    # ------------------------------------------------------------------ structure restore (contract with QAT)
+
+    def restore_structure_(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Give ``pl_module`` the pruned structure of the checkpoint Lightning is restoring; idempotent.
+
+        Lightning loads a checkpoint's weights before any callback sees its state, and it reads the file
+        only after every ``setup`` ran, so the structure has to be in place right before the weights
+        load. Without ``checkpoint`` this installs that interception (a wrapper around the module's
+        ``on_load_checkpoint`` for the duration of the run, removed in ``teardown``); with ``checkpoint``
+        (a loaded checkpoint dict) it applies the structure now. Records already applied to the network
+        are never applied again, so any number of calls, from any callback, is safe.
+
+        Raises:
+            RuntimeError: if the network already carries a different pruned structure, or the checkpoint
+                was pruned on another submodule than ``network``.
+        """
+        if checkpoint is None:
+            self._install_interceptor(trainer, pl_module)
+            return
+        state = _find_pruning_state(checkpoint)
+        if state is None or not state.get("history"):
+            return
+        network = self._resolve_network(pl_module)
+        saved_name = state.get("network", "")
+        if saved_name != self.network:
+            raise RuntimeError(
+                f"The checkpoint was pruned on network {saved_name!r}, but this callback prunes {self.network!r}."
+                f" Set `network={saved_name!r}`."
+            )
+        example = example_from_spec(
+            state["example_input_shape"], state["example_input_dtype"], _device_of(network)
+        )
+        applied = apply_structure_(network, state["history"], example)
+        if applied:
+            rank_zero_info(
+                f"StructuredPruning: restored the pruned structure ({applied} records, step"
+                f" {state.get('steps_done', '?')}) before loading the checkpoint weights."
+            )
+
+    def _install_interceptor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._interceptor is not None and self._interceptor[0] is pl_module:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            self.restore_structure_(trainer, pl_module, checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._interceptor = (pl_module, on_load_checkpoint)
+
+    # ------------------------------------------------------------------ setup checks
+
+    def _check_trainer(self, trainer: pl.Trainer, stage: str) -> None:
+        from lightning.pytorch.callbacks import ModelPruning
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        if any(isinstance(cb, ModelPruning) for cb in callbacks):
+            raise ValueError(
+                "Expected `callbacks` not to contain Lightning's `ModelPruning` together with StructuredPruning:"
+                " ModelPruning masks weights by parameter object and would keep masking the removed tensors."
+                " Use one of the two."
+            )
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if stage == "fit" and isinstance(launcher, _MultiProcessingLauncher):
+            raise ValueError(
+                "Expected a `strategy` that does not spawn worker processes (e.g. 'ddp'), got one with the"
+                f" {launcher._start_method!r} start method ('ddp_spawn', 'ddp_fork', 'ddp_notebook'): Lightning copies"
+                " the trained weights back into the main process's unpruned model, which cannot hold them."
+            )
+
+    def _resolve_network(self, pl_module: pl.LightningModule) -> nn.Module:
+        return unwrap_compiled(resolve_module(pl_module, self.network, arg_name="network"))
+
+    def _is_whole_network(self, pl_module: pl.LightningModule, network: nn.Module) -> bool:
+        """Whether ``network`` takes the LightningModule's own inputs (itself, or its one wrapped network)."""
+        forward = _forward_network(pl_module)
+        return network is pl_module or (forward is not None and network is unwrap_compiled(forward))
+
+    def _names_inside(self, pl_module: pl.LightningModule, network: nn.Module) -> list[str]:
+        inside = {id(m) for m in network.modules()}
+        return [n for n, m in pl_module.named_modules() if n and id(m) in inside and m is not network]
+
+    def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        if self.example_input_shape is not None or self._is_whole_network(pl_module, network):
+            return
+        raise ValueError(
+            f"Expected `example_input_shape` for network {self.network!r}: it is a submodule, so neither"
+            " `example_input_array` nor a training batch can be fed to it. Pass e.g. example_input_shape=[1, 64, 8, 8]."
+        )
+
+    def _check_schedule(self, trainer: pl.Trainer) -> None:
+        max_epochs = trainer.max_epochs
+        last = self.last_step_epoch
+        if max_epochs is None or max_epochs < 0 or last is None:
+            return
+        if last >= max_epochs:
+            raise ValueError(
+                f"Expected the pruning schedule to end before `max_epochs`={max_epochs}, but the last of"
+                f" `iterative_steps`={self.iterative_steps} steps (`start_epoch`={self.start_epoch},"
+                f" `epochs_between_steps`={self.epochs_between_steps}) falls at epoch {last}. Lower the steps or"
+                f" raise max_epochs to at least {last + 1 + self.epochs_between_steps} to leave recovery epochs."
+            )
+        if last + self.epochs_between_steps > max_epochs:
+            rank_zero_warn(
+                f"StructuredPruning: the last step (epoch {last}) leaves {max_epochs - last} fine-tuning epochs,"
+                f" fewer than the {self.epochs_between_steps} between steps."
+            )
+
+    # ------------------------------------------------------------------ pruner construction
+
+    def _ensure_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> bool:
+        if self._pruner is not None:
+            return True
+        network = self._resolve_network(pl_module)
+        example = self._example_inputs(pl_module, network, batch)
+        if example is None:
+            return False
+        self._build_pruner(trainer, pl_module, network, example)
+        return True
+
+    def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor | None:
+        """Explicit shape, then the shape recorded in a checkpoint, ``example_input_array``, a training batch."""
+        device = _device_of(network)
+        example: Tensor | None = None
+        if self.example_input_shape is not None:
+            example = torch.randn(*self.example_input_shape, device=device)
+        elif self._example_spec is not None:
+            example = example_from_spec(*self._example_spec, device=device)
+        elif self._is_whole_network(pl_module, network):
+            if isinstance(pl_module.example_input_array, Tensor):
+                example = pl_module.example_input_array.to(device)
+            elif batch is not None:
+                example = inputs_from_batch(batch)[:1].to(device)
+        if example is None:
+            return None
+        dtype = next((p.dtype for p in network.parameters() if p.is_floating_point()), None)
+        if example.is_floating_point() and dtype is not None:
+            example = example.to(dtype)
+        return example.detach()
+
+    def _build_pruner(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module, example: Tensor
+    ) -> None:
+        modules = dict(pl_module.named_modules())
+        ignored = [modules[name] for name in self._ignored_names]
+        with preserved_modes(network), preserved_requires_grad(network), eager_mode():
+            if self.keep_output_layers:
+                graph = tp.DependencyGraph().build_dependency(
+                    network, example_inputs=(example,), verbose=False
+                )
+                ignored += [m for m in output_layers(graph, _ROOT_TYPES) if m not in ignored]
+            importance: Any = (
+                make_importance(self.importance) if isinstance(self.importance, str) else self.importance
+            )
+            if trainer.world_size > 1:
+                self._agreement = AgreedImportance(
+                    importance,
+                    lambda t: trainer.strategy.reduce(t, reduce_op="mean"),  # type: ignore[arg-type]
+                )
+                importance = self._agreement
+            kwargs: dict[str, Any] = {
+                "importance": importance,
+                "global_pruning": self.global_pruning,
+                "pruning_ratio": self._pruner_ratio(),
+                "iterative_steps": self._micro_steps(),
+                "ignored_layers": ignored,
+                "round_to": self.round_to,
+                "max_pruning_ratio": self.max_layer_ratio,
+            }
+            if self.regularization is not None:
+                kwargs["reg"] = self.regularization
+            pruner = pruner_class(self.pruner)(network, (example,), **kwargs)
+        if not prunable_groups(pruner):
+            what = f"network {self.network!r}" if self.network else f"{type(pl_module).__name__}"
+            raise ValueError(
+                f"Expected `network` ({what}) to contain prunable layers (Conv, Linear, LSTM) outside"
+                f" `ignored_layers` and the output layers, found none. Ignored: {self._ignored_names}"
+                f"{' + detected output layers' if self.keep_output_layers else ''}."
+            )
+        name_of = {m: n for n, m in network.named_modules()}
+        if not self._history:
+            self._initial_channels = {
+                name_of[m]: [pruner.layer_init_out_ch[m], pruner.layer_init_in_ch.get(m)]
+                for m in pruner.layer_init_out_ch
+                if m in name_of
+            }
+        else:
+            # Built on an already pruned network (resume): ratios and per-layer caps refer to the original.
+            for m in list(pruner.layer_init_out_ch):
+                saved = self._initial_channels.get(name_of.get(m, ""))
+                if saved is not None:
+                    pruner.layer_init_out_ch[m], pruner.layer_init_in_ch[m] = saved
+            pruner._scope_initial_channels = dict(self._scope_channels)
+        pruner.current_step = self._pruner_step
+        self._pruner = pruner
+        self._example_spec = (list(example.shape), str(example.dtype))
+        self._example = example
+        if self._initial_cost is None:
+            self._initial_cost = self._count(network, example)
+        if self._cost is None:
+            self._cost = self._count(network, example)
+
+    def _micro_steps(self) -> int:
+        """torch-pruning steps over the whole schedule."""
+        if self._cost_target is not None:
+            return _MICRO_STEPS
+        if self.global_pruning:
+            return self.iterative_steps * math.ceil(_MICRO_STEPS / self.iterative_steps)
+        return self.iterative_steps
+
+    def _pruner_ratio(self) -> float:
+        """torch-pruning's final channel ratio; per-layer ranking is clamped to the per-layer cap."""
+        final = 1.0 if self._cost_target is not None else float(self.pruning_ratio or 0.0)
+        return final if self.global_pruning else min(final, self.max_layer_ratio)
+
+    def _release_pruner(self) -> None:
+        self._pruner = None
+        self._agreement = None
+
+    def _count(self, network: nn.Module, example: Tensor) -> tuple[int, int]:
+        with preserved_modes(network), eager_mode():
+            return count_macs_and_params(network, example[:1])
+
+    # ------------------------------------------------------------------ pruning steps
+
+    def _run_due_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._schedule is not None
+        epoch = trainer.current_epoch
+        due = [k for k in range(self._steps_done, self.iterative_steps) if self._schedule[k] <= epoch]
+        if len(due) > 1:
+            rank_zero_warn(
+                f"StructuredPruning: {len(due)} pruning steps are overdue at epoch {epoch} (schedule {self._schedule});"
+                " applying them back to back."
+            )
+        for _ in due:
+            if self.finished:
+                break
+            self._prune_step(trainer, pl_module)
+
+    def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pruner = self._pruner
+        assert pruner is not None and self._initial_cost is not None
+        network = self._resolve_network(pl_module)
+        start = time.perf_counter()
+        step = self._steps_done + 1
+        snapshot = TrainingStateSnapshot.capture(trainer, pl_module)
+        originals = dict(pl_module.named_parameters())
+        before = len(pruner.pruning_history())
+        with (
+            preserved_modes(network),
+            preserved_requires_grad(network),
+            eager_mode(),
+            ParameterSlicing() as slicing,
+        ):
+            self._install_taylor_gradients(network)
+            if self._agreement is not None:
+                self._agreement.active = True
+            try:
+                cost = self._cost_target
+                if cost is None:
+                    until = step * pruner.iterative_steps // self.iterative_steps
+                    while pruner.current_step < until:
+                        pruner.step()
+                else:
+                    self._prune_to_cost(pruner, network, cost, step)
+            finally:
+                if self._agreement is not None:
+                    self._agreement.active = False
+            for p in network.parameters():
+                p.grad = None
+        records = plain_records(pruner.pruning_history()[before:])
+        self._check_ranks_agree(trainer, records)
+        for by_name in snapshot.state_by_name:
+            slicing.carry_optimizer_state_(by_name, originals)
+        snapshot.restore_(trainer, pl_module)
+        if self.pruner in REGULARIZING_PRUNERS:
+            pruner.update_regularizer()
+
+        self._history.extend(records)
+        setattr(network, APPLIED_HISTORY_ATTR, [list(r) for r in self._history])
+        self._steps_done = step
+        self._pruner_step = pruner.current_step
+        self._scope_channels = {str(k): int(v) for k, v in pruner._scope_initial_channels.items()}
+        self._taylor_gradients = {}
+        assert self._example is not None
+        macs, params = self._count(network, self._example)
+        self._cost = (macs, params)
+        seconds = time.perf_counter() - start
+        summary = {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "params": params,
+            "macs": macs,
+            "params_ratio": params / max(self._initial_cost[1], 1),
+            "macs_ratio": macs / max(self._initial_cost[0], 1),
+            "seconds": seconds,
+        }
+        self._summaries.append(summary)
+        if not records and self._cost_target is None and (self.pruning_ratio or 0) > 0:
+            rank_zero_warn(
+                f"StructuredPruning: step {step} removed no channels (importance {self.importance!r} gave no scores,"
+                " or every layer is ignored or at `max_layer_ratio`/`round_to` limits)."
+            )
+        if self.verbose:
+            rank_zero_info(
+                f"StructuredPruning step {step}/{self.iterative_steps} at epoch {trainer.current_epoch}: params"
+                f" {self._initial_cost[1]:,} -> {params:,} ({summary['params_ratio']:.3f}x), MACs"
+                f" {self._initial_cost[0]:,} -> {macs:,} ({summary['macs_ratio']:.3f}x), {seconds:.2f}s"
+            )
+        self._reset_monitors(trainer)
+        if self.finished:
+            self._release_pruner()
+
+    def _prune_to_cost(
+        self, pruner: tp.pruner.BasePruner, network: nn.Module, cost: tuple[str, float], step: int
+    ) -> None:
+        assert self._initial_cost is not None and self._example is not None
+        kind, target = cost
+        fraction = 1.0 - (1.0 - target) * step / self.iterative_steps
+        initial = self._initial_cost[0] if kind == "macs" else self._initial_cost[1]
+        if not self.global_pruning:
+            # With the same ratio r in every layer, MACs and params shrink at most like (1 - r)^2, so
+            # 1 - sqrt(fraction) is a lower bound of the ratio needed; jumping to 80% of it skips most
+            # micro-steps without overshooting. (Global ranking has no such bound: it steps all the way.)
+            bound = 1.0 - math.sqrt(fraction)
+            jump = min(
+                int(0.8 * bound / self._pruner_ratio() * pruner.iterative_steps), pruner.iterative_steps
+            )
+            if jump > pruner.current_step + 1:
+                pruner.current_step = jump - 1
+                pruner.step()
+        while True:
+            macs, params = count_macs_and_params(network, self._example[:1])
+            value = macs if kind == "macs" else params
+            if value <= fraction * initial:
+                return
+            if pruner.current_step >= pruner.iterative_steps:
+                self._exhausted = True
+                rank_zero_warn(
+                    f"StructuredPruning: cannot reach target_{kind}_ratio={target}: stopped at"
+                    f" {value / max(initial, 1):.3f}x after step {step}; layers are limited by"
+                    f" `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored and output layers. Pruning stops"
+                    " here."
+                )
+                return
+            pruner.step()
+
+    def _check_ranks_agree(self, trainer: pl.Trainer, records: list[PruningRecord]) -> None:
+        if trainer.world_size <= 1:
+            return
+        reference = trainer.strategy.broadcast(records, src=0)
+        # Decided together, so that every rank raises instead of one waiting forever in a collective.
+        if not trainer.strategy.reduce_boolean_decision(reference == records, all=True):
+            raise RuntimeError(
+                "StructuredPruning: the ranks removed different channels. Importance scores are averaged over"
+                " ranks, so this means their networks or scores already differed (e.g. a custom importance that"
+                " is not deterministic given identical inputs)."
+            )
+
+    def _accumulate_taylor_gradients(self, network: nn.Module) -> None:
+        for name, p in network.named_parameters():
+            if p.grad is None:
+                continue
+            grad = p.grad.detach()
+            acc = self._taylor_gradients.get(name)
+            if acc is None or acc.shape != grad.shape:
+                self._taylor_gradients[name] = grad.clone()
+            else:
+                # Sums restored from a checkpoint live on the CPU.
+                self._taylor_gradients[name] = acc.to(grad.device).add_(grad)
+
+    def _install_taylor_gradients(self, network: nn.Module) -> None:
+        if not self._taylor:
+            return
+        if not self._taylor_gradients:
+            raise RuntimeError(
+                "StructuredPruning: Taylor importance needs gradients from training batches before the step, but"
+                " none were recorded since the previous step (no optimizer step ran). Start pruning later or pick"
+                " another `importance`."
+            )
+        for name, p in network.named_parameters():
+            grad = self._taylor_gradients.get(name)
+            if grad is not None and grad.shape == p.shape:
+                p.grad = grad.to(device=p.device, dtype=p.dtype)
+            else:
+                # Frozen parameters have no gradient; count their Taylor contribution as zero.
+                p.grad = torch.zeros_like(p)
+
+    # ------------------------------------------------------------------ after a step
+
+    def _reset_monitors(self, trainer: pl.Trainer) -> None:
+        """Scores from before a step belong to a larger model: restart patience and best-model tracking."""
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, EarlyStopping):
+                cb.wait_count = 0
+                cb.best_score = torch.tensor(math.inf if cb.monitor_op == torch.lt else -math.inf)
+            elif isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+                cb.best_k_models = {}
+                cb.kth_best_model_path = ""
+                cb.best_model_score = None
+                cb.best_model_path = ""
+                cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._cost is None or self._initial_cost is None or self._logged_epoch == trainer.current_epoch:
+            return
+        self._logged_epoch = trainer.current_epoch
+        macs, params = self._cost
+        sync = trainer.world_size > 1
+        for key, value in (
+            ("pruning/params", float(params)),
+            ("pruning/macs", float(macs)),
+            ("pruning/macs_ratio", macs / max(self._initial_cost[0], 1)),
+            ("pruning/step", float(self._steps_done)),
+        ):
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _find_pruning_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    callbacks = checkpoint.get("callbacks") or {}
+    for key, value in callbacks.items():
+        if isinstance(key, str) and key.split("{", 1)[0] == StructuredPruning.__qualname__:
+            return value
+    return None
+
+
+def load_pruned_model(
+    checkpoint_path: str | Path,
+    module: type[pl.LightningModule] | nn.Module,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Rebuild a pruned model from a checkpoint written during a run with :class:`StructuredPruning`.
+
+    The checkpoint is read with ``torch.load(weights_only=True)``; the structure is replayed from the
+    pruning records it carries, then the weights are loaded and the model is put in eval mode.
+
+    Args:
+        checkpoint_path: a Lightning checkpoint written by a Trainer that had ``StructuredPruning``.
+        module: the LightningModule class (built as ``cls(**checkpoint["hyper_parameters"])``, so it must
+            call ``save_hyperparameters()``), or a freshly constructed instance of the original architecture.
+        map_location: where to load the tensors.
+
+    Returns:
+        The pruned model with the checkpoint's weights, in eval mode.
+
+    Raises:
+        ValueError: if the checkpoint carries no StructuredPruning state, or a class is given but the
+            checkpoint has no hyper-parameters.
+        TypeError: if ``module`` is neither an ``nn.Module`` instance nor a LightningModule class.
+
+    Example::
+
+        >>> model = load_pruned_model("checkpoints/last.ckpt", MyLitModel)  # doctest: +SKIP
+        >>> model(torch.randn(1, 3, 32, 32))  # doctest: +SKIP
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    state = _find_pruning_state(checkpoint)
+    if state is None:
+        raise ValueError(
+            f"Expected `checkpoint_path` to point to a checkpoint written with the StructuredPruning callback, but"
+            f" {str(checkpoint_path)!r} has no StructuredPruning state. Load an unpruned checkpoint with"
+            " `YourModule.load_from_checkpoint`."
+        )
+    if isinstance(module, type):
+        if not issubclass(module, pl.LightningModule):
+            raise TypeError(
+                f"Expected `module` to be a LightningModule class or an instance, got class {module.__name__}."
+            )
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is None:
+            raise ValueError(
+                f"Expected the checkpoint to hold `hyper_parameters` to construct {module.__name__}, found none: call"
+                " `self.save_hyperparameters()` in its __init__, or pass a constructed instance as `module`."
+            )
+        model: nn.Module = module(**hparams)
+    elif isinstance(module, nn.Module):
+        model = module
+    else:
+        raise TypeError(
+            f"Expected `module` to be a LightningModule class or an nn.Module, got {type(module).__name__}."
+        )
+    model.to(map_location)
+    history = state.get("history") or []
+    if history:
+        network = unwrap_compiled(resolve_module(model, state.get("network", ""), arg_name="network"))
+        example = example_from_spec(
+            state["example_input_shape"], state["example_input_dtype"], _device_of(network)
+        )
+        apply_structure_(network, history, example)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
