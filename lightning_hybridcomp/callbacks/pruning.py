@@ -933,7 +933,8 @@ def load_pruned_model(
                 f"Expected the checkpoint to hold `hyper_parameters` to construct {module.__name__}, found none: call"
                 " `self.save_hyperparameters()` in its __init__, or pass a constructed instance as `module`."
             )
-        model: nn.Module = module(**hparams)
+        # LightningCLI records its own keys (``_instantiator``, ``_class_path``) beside the arguments.
+        model: nn.Module = module(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     elif isinstance(module, nn.Module):
         model = module
     else:

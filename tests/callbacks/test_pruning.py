@@ -452,6 +452,11 @@ def test_pruned_checkpoint_reloads_with_identical_outputs(tmp_path: Path) -> Non
     assert torch.equal(from_class(x), expected)
     assert torch.equal(from_instance(x), expected)
     assert not from_class.training
+    # LightningCLI adds private keys such as `_instantiator` to the hyper-parameters
+    checkpoint["hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+    cli_style = tmp_path / "cli.ckpt"
+    torch.save(checkpoint, cli_style)
+    assert torch.equal(load_pruned_model(cli_style, Classifier)(x), expected)
 
     # validate/test/predict(ckpt_path=...) on a fresh model work with the callback in the Trainer.
     loader = DataLoader(TensorDataset(x), batch_size=4)
