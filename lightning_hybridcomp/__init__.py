@@ -1,7 +1,26 @@
 """Hybrid compression for PyTorch Lightning: structured pruning, quantization-aware training, MoE routing."""
 
 from lightning_hybridcomp.__about__ import __version__
-from lightning_hybridcomp.callbacks import StructuredPruning, load_pruned_model
+from lightning_hybridcomp.artifacts import (
+    ArtifactMetadata,
+    LoadedArtifact,
+    compile_artifact,
+    load_artifact,
+    save_artifact,
+)
+from lightning_hybridcomp.callbacks import QuantizationAwareTraining, StructuredPruning, load_pruned_model
 from lightning_hybridcomp.profiling import ModelProfile, profile_model
 
-__all__ = ["ModelProfile", "StructuredPruning", "__version__", "load_pruned_model", "profile_model"]
+__all__ = [
+    "ArtifactMetadata",
+    "LoadedArtifact",
+    "ModelProfile",
+    "QuantizationAwareTraining",
+    "StructuredPruning",
+    "__version__",
+    "compile_artifact",
+    "load_artifact",
+    "load_pruned_model",
+    "profile_model",
+    "save_artifact",
+]

@@ -1,0 +1,1228 @@
+"""Quantization-aware training as a Lightning callback that ends in a real int8 model.
+
+Fake quantization goes into any LightningModule's network at a chosen epoch; at the end of ``fit`` the
+network becomes an int8 program (PT2E for conv nets, torchao for Linear/Embedding nets) that can be saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.fx import GraphModule
+from typing_extensions import override
+
+from lightning_hybridcomp._lightning import (
+    TrainingStateSnapshot,
+    _forward_network,
+    inputs_from_batch,
+    replace_module_,
+    resolve_module,
+)
+from lightning_hybridcomp.artifacts import (
+    ArtifactMetadata,
+    _build_artifact,
+    export_with_dynamic_batch,
+    make_exported_train_eval_,
+    save_artifact,
+    set_exported_bn_frozen_,
+    strip_unused_attributes_,
+)
+
+__all__ = ["QuantizationAwareTraining"]
+
+_STATE_VERSION = 1
+_STAGES = ("float", "fake_quant", "converted")
+_BACKENDS = ("x86_pt2e", "linear_int8")
+_LEGACY_BACKENDS = ("fbgemm", "qnnpack", "x86", "onednn", "eager", "fx")
+_HOST_NAME = "qat_network"
+_PRUNING_HISTORY_ATTR = "_hybridcomp_pruning_history"  # set by StructuredPruning on the network it pruned
+
+
+class QuantizationAwareTraining(Callback):
+    r"""Quantization-aware training that ends in a real int8 model, alone or after :class:`StructuredPruning`.
+
+    At the first training batch of ``start_epoch`` (or at ``start_step``) the network is traced and fake
+    quantization is inserted; training then continues with it, so the weights adapt to int8 rounding. At the
+    end of ``fit`` the network is converted to int8 (``convert_on_fit_end``), so that ``trainer.validate``,
+    ``test`` and ``predict`` afterwards run the int8 model, and :meth:`save_artifact` writes it as a
+    self-contained file (see :mod:`lightning_hybridcomp.artifacts`).
+
+    Backends:
+
+    * ``"x86_pt2e"`` (conv nets): ``torch.export`` with a dynamic batch dimension, torchao's
+      ``X86InductorQuantizer`` in QAT mode, ``prepare_qat_pt2e``, training, ``convert_pt2e``. Conv2d and
+      Linear become int8 with per-channel weights and BatchNorm folded into the convolutions; the speed-up
+      on CPU needs :func:`~lightning_hybridcomp.artifacts.compile_artifact`.
+    * ``"linear_int8"`` (Linear/Embedding-heavy nets): torchao ``QATConfig`` fake quantization (int8
+      per-token activations, int8 per-channel weights), converted to torchao's int8 dynamic-activation
+      Linear (fast on CPU) and int8 weight-only Embedding. Other layers stay fp32.
+
+    The network is the LightningModule's forward network by default: its one child with trainable
+    parameters, or, if there are several, the LightningModule's own ``forward``, whose traced graph is then
+    registered as the child ``qat_network`` and ``forward`` routed to it (``training_step`` and friends
+    keep working as long as they call ``self(...)``). ``module`` names a submodule instead.
+
+    With :class:`~lightning_hybridcomp.callbacks.pruning.StructuredPruning` attached, fake quantization
+    starts only after the last pruning step. Checkpoints written at any stage load with
+    ``trainer.fit/validate/test/predict(ckpt_path=...)``: the callback rebuilds the matching structure right
+    before Lightning loads the weights. Use ``strategy="ddp"`` for multi-process training (not
+    ``ddp_spawn``).
+
+    Logged through ``pl_module.log``: ``qat/stage`` (0 float, 1 fake quant, 2 int8),
+    ``qat/fake_quant_error`` (relative L2 distance of the fake-quant outputs from the fp32 network's on
+    the validation set), ``qat/macs`` and ``qat/params``; after conversion ``qat/size_bytes`` (artifact
+    bytes) in ``validate``/``test`` runs, and in every logger at the end of ``fit``.
+
+    Args:
+        backend: ``"x86_pt2e"`` or ``"linear_int8"`` (case-insensitive).
+        module: fully qualified name of the submodule to quantize; ``None`` for the forward network.
+        start_epoch: epoch at whose first batch fake quantization is inserted.
+        start_step: global step at which to insert instead (leave ``start_epoch`` at 0).
+        freeze_observers_epoch: epoch from which the activation ranges stop updating (``x86_pt2e`` only);
+            must come after ``start_epoch``.
+        freeze_bn_epoch: epoch from which BatchNorm running statistics stop updating.
+        convert_on_fit_end: convert to int8 when ``fit`` ends.
+        example_input_shape: input shape (with batch dimension) of the network; needed when ``module``
+            names a submodule, optional otherwise (``example_input_array`` or a training batch is used).
+        log_fake_quant_error: log ``qat/fake_quant_error`` during validation (one extra fp32 forward per
+            validation batch).
+        verbose: report the stage changes with ``rank_zero_info``.
+
+    Raises:
+        ValueError: for an unknown backend, negative or inconsistent epochs, a malformed shape.
+        TypeError: for arguments of the wrong type.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> qat = QuantizationAwareTraining(backend="x86_pt2e", start_epoch=2, freeze_bn_epoch=4)
+        >>> trainer = Trainer(max_epochs=6, callbacks=[qat], logger=False, enable_progress_bar=False)
+        >>> # trainer.fit(model, datamodule); trainer.test(model, datamodule)  # test runs int8
+        >>> # qat.save_artifact("model_int8.pt2")
+    """
+
+    def __init__(
+        self,
+        backend: str = "x86_pt2e",
+        module: str | None = None,
+        start_epoch: int = 0,
+        start_step: int | None = None,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        convert_on_fit_end: bool = True,
+        example_input_shape: list[int] | None = None,
+        log_fake_quant_error: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backend, str):
+            raise TypeError(
+                f"Expected `backend` to be a string, got {type(backend).__name__}. Valid options: {_BACKENDS}."
+            )
+        key = backend.lower()
+        if key not in _BACKENDS:
+            hint = ""
+            if key in _LEGACY_BACKENDS:
+                hint = (
+                    " The eager/FX engines of `torch.ao.quantization` are deprecated; 'x86_pt2e' is their PT2E"
+                    " successor and produces the same int8 x86 kernels."
+                )
+            raise ValueError(f"Expected `backend` to be one of {_BACKENDS}, got {backend!r}.{hint}")
+        if module is not None and (not isinstance(module, str) or not module):
+            raise TypeError(
+                f"Expected `module` to be None or the fully qualified name of a submodule, got {module!r}."
+            )
+        _check_epoch(start_epoch, "start_epoch", optional=False)
+        _check_epoch(start_step, "start_step")
+        if start_step is not None and start_epoch != 0:
+            raise ValueError(
+                f"Expected only one of `start_epoch` and `start_step`, got start_epoch={start_epoch} and"
+                f" start_step={start_step}. Keep start_epoch=0 when starting at a step."
+            )
+        _check_epoch(freeze_observers_epoch, "freeze_observers_epoch")
+        _check_epoch(freeze_bn_epoch, "freeze_bn_epoch")
+        if freeze_observers_epoch is not None:
+            if key == "linear_int8":
+                raise ValueError(
+                    "Expected `freeze_observers_epoch` to be None for backend 'linear_int8': its activations are"
+                    " quantized dynamically per token, there are no observers to freeze."
+                )
+            if start_step is None and freeze_observers_epoch <= start_epoch:
+                raise ValueError(
+                    f"Expected `freeze_observers_epoch` to be after `start_epoch`={start_epoch}, got"
+                    f" {freeze_observers_epoch}: frozen before they observed anything, the activation ranges would"
+                    " stay empty."
+                )
+        if example_input_shape is not None:
+            if not isinstance(example_input_shape, (list, tuple)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in example_input_shape
+            ):
+                raise ValueError(
+                    "Expected `example_input_shape` to be a list of positive integers including the batch"
+                    f" dimension (e.g. [1, 3, 32, 32]), got {example_input_shape!r}."
+                )
+        for name, flag in (
+            ("convert_on_fit_end", convert_on_fit_end),
+            ("log_fake_quant_error", log_fake_quant_error),
+            ("verbose", verbose),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Expected `{name}` to be a bool, got {flag!r}.")
+
+        self.backend = key
+        self.module = module
+        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.convert_on_fit_end = convert_on_fit_end
+        self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
+        self.log_fake_quant_error = log_fake_quant_error
+        self.verbose = verbose
+
+        self._impl: _Backend = _PT2EBackend() if key == "x86_pt2e" else _LinearInt8Backend()
+        self._stage = "float"
+        self._network_name: str | None = None
+        self._example_shape: list[int] | None = None
+        self._example_dtype = "torch.float32"
+        self._started_at: int | None = None
+        self._observers_frozen = False
+        self._bn_frozen = False
+        self._qparams: dict[str, dict[str, float | int]] = {}
+        self._float_network: nn.Module | None = None
+        self._hosted: nn.Module | None = None
+        self._pl_module: pl.LightningModule | None = None
+        self._costs: dict[str, int] = {}
+        self._summary: ArtifactMetadata | None = None
+        self._wait_reported = False
+        self._interceptor: tuple[pl.LightningModule, Callable[[dict[str, Any]], None]] | None = None
+        self._error_hook: Any = None
+        self._captured: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ public read-only state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(module=self.module)
+
+    @property
+    def stage(self) -> str:
+        """``"float"``, ``"fake_quant"`` or ``"converted"``."""
+        return self._stage
+
+    @property
+    def quantized_network(self) -> nn.Module | None:
+        """The fake-quant or int8 network now in the LightningModule (``None`` in the float stage)."""
+        return self._hosted if self._stage != "float" else None
+
+    @property
+    def summary(self) -> ArtifactMetadata | None:
+        """Metadata of the converted model's artifact (bytes, MACs, params), known after conversion."""
+        return self._summary
+
+    def save_artifact(
+        self,
+        path: str | Path,
+        example_inputs: Tensor | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        architecture: str | None = None,
+    ) -> ArtifactMetadata:
+        """Write the converted int8 network as an artifact (see :func:`~lightning_hybridcomp.artifacts.save_artifact`).
+
+        The recorded steps are the pruning steps of an attached ``StructuredPruning`` followed by
+        ``"qat:<backend>"``.
+
+        Args:
+            path: destination file (``.pt2``).
+            example_inputs: a batch for the export; defaults to random inputs of the shape QAT traced.
+            extra: JSON-able information to store alongside.
+            architecture: name to record; defaults to the float network's class name.
+
+        Raises:
+            RuntimeError: if the network has not been converted yet.
+        """
+        network = self._require_converted()
+        example = example_inputs if example_inputs is not None else self._random_example(network)
+        return save_artifact(
+            network,
+            path,
+            example,
+            steps=self._steps(),
+            extra=extra,
+            architecture=architecture or self._architecture(),
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_strategy(trainer, stage)
+        self._pl_module = pl_module
+        if self._network_name is None:
+            self._network_name = self._resolve_name(pl_module)
+        network = self._current_network(pl_module)
+        if stage == TrainerFn.FITTING:
+            self._check_example_source(pl_module, network)
+            self._check_schedule(trainer)
+        # Lightning reads a checkpoint only after every setup and loads its weights right after the
+        # LightningModule's `on_load_checkpoint`; the structure the weights need is built there.
+        self._install_interceptor(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stage == "converted":
+            raise RuntimeError(
+                "The network was already converted to int8 by this QuantizationAwareTraining callback and cannot be"
+                " trained further. Fit a fresh model, or resume an earlier checkpoint with"
+                " `trainer.fit(model, ckpt_path=...)`."
+            )
+        start = self._effective_start_epoch(trainer)
+        if (
+            self.start_step is None
+            and start != self.start_epoch
+            and not self._wait_reported
+            and self._stage == "float"
+        ):
+            self._wait_reported = True
+            rank_zero_warn(
+                f"QuantizationAwareTraining: `start_epoch`={self.start_epoch} comes before the last pruning step"
+                f" (epoch {start}); fake quantization waits and starts at epoch {start}, after pruning."
+            )
+        max_epochs = trainer.max_epochs
+        if self._stage == "float" and max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
+            raise ValueError(
+                f"Expected fake quantization to start before `max_epochs`={max_epochs}, but it would start at epoch"
+                f" {start} (after the last pruning step). Raise max_epochs to at least {start + 1}."
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stage == "float" and self._is_due(trainer):
+            self._start_fake_quant(trainer, pl_module, batch)
+        if self._stage == "fake_quant":
+            self._apply_freezing(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("qat/stage", float(_STAGES.index(self._stage)), on_epoch=True, sync_dist=True)
+        if self._costs:
+            pl_module.log("qat/macs", float(self._costs["macs"]), on_epoch=True, sync_dist=True)
+            pl_module.log("qat/params", float(self._costs["params"]), on_epoch=True, sync_dist=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stage == "float":
+            rank_zero_warn(
+                "QuantizationAwareTraining: training ended before fake quantization started"
+                f" (start_epoch={self.start_epoch}, start_step={self.start_step}); the model is still fp32."
+            )
+            return
+        if self._stage == "fake_quant" and self.convert_on_fit_end:
+            self._convert(trainer, pl_module)
+            if self._summary is not None:
+                metrics = {
+                    "qat/size_bytes": float(self._summary.size_bytes),
+                    "qat/macs": float(self._summary.macs),
+                    "qat/params": float(self._summary.params),
+                }
+                trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+                if trainer.is_global_zero:
+                    for logger in trainer.loggers:
+                        logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert_for_evaluation(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.log_fake_quant_error or self._stage != "fake_quant":
+            return
+        if self._hosted is not None and self._error_hook is None:
+            self._error_hook = self._hosted.register_forward_hook(self._capture_output)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not self._captured:
+            return
+        captured, self._captured = self._captured, []
+        errors = [self._fake_quant_error(pl_module, inputs, output) for inputs, output in captured]
+        error = sum(errors) / len(errors)
+        pl_module.log("qat/fake_quant_error", error, on_step=False, on_epoch=True, sync_dist=True)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_error_hook()
+        self._log_final(trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_final(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_error_hook()
+        if self._interceptor is not None:
+            owner, wrapper = self._interceptor
+            if owner.__dict__.get("on_load_checkpoint") is wrapper:
+                del owner.__dict__["on_load_checkpoint"]
+            self._interceptor = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # torchao's int8 weights are tensor subclasses, which Lightning's loader cannot read back (its
+        # callable `map_location` is refused for them): store their plain inner tensors instead.
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            _flatten_tensor_subclasses_(state)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "backend": self.backend,
+            "stage": self._stage,
+            "network_name": self._network_name,
+            "example_input_shape": list(self._example_shape) if self._example_shape else None,
+            "example_input_dtype": self._example_dtype,
+            "started_at": self._started_at,
+            "observers_frozen": self._observers_frozen,
+            "bn_frozen": self._bn_frozen,
+            "qparams": {k: dict(v) for k, v in self._qparams.items()},
+            "costs": dict(self._costs),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The structure itself was rebuilt from the same state before the weights loaded; these are the counters.
+        self._started_at = state_dict.get("started_at")
+        self._observers_frozen = bool(state_dict.get("observers_frozen", False))
+        self._bn_frozen = bool(state_dict.get("bn_frozen", False))
+        self._costs = {k: int(v) for k, v in state_dict.get("costs", {}).items()}
+        shape = state_dict.get("example_input_shape")
+        self._example_shape = list(shape) if shape else self._example_shape
+        self._example_dtype = str(state_dict.get("example_input_dtype") or self._example_dtype)
+        self._wait_reported = self._wait_reported or state_dict.get("stage", "float") != "float"
+
+    # ------------------------------------------------------------------ schedule
+
+    def _pruning_callbacks(self, trainer: pl.Trainer) -> list[Any]:
+        # Duck-typed on the StructuredPruning contract, so that neither module imports the other.
+        return [
+            cb
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if cb is not self and hasattr(cb, "restore_structure_") and hasattr(cb, "last_step_epoch")
+        ]
+
+    def _effective_start_epoch(self, trainer: pl.Trainer) -> int:
+        start = self.start_epoch
+        for cb in self._pruning_callbacks(trainer):
+            last = cb.last_step_epoch
+            if last is not None:
+                start = max(start, int(last))
+        return start
+
+    def _is_due(self, trainer: pl.Trainer) -> bool:
+        if not all(getattr(cb, "finished", True) for cb in self._pruning_callbacks(trainer)):
+            return False
+        if self.start_step is not None:
+            return trainer.global_step >= self.start_step
+        return trainer.current_epoch >= self._effective_start_epoch(trainer)
+
+    def _apply_freezing(self, trainer: pl.Trainer) -> None:
+        hosted = self._hosted
+        if hosted is None:
+            return
+        epoch = trainer.current_epoch
+        if (
+            not self._observers_frozen
+            and self.freeze_observers_epoch is not None
+            and epoch >= self.freeze_observers_epoch
+        ):
+            self._observers_frozen = True
+            self._info(f"froze the activation observers at epoch {epoch}.")
+        if not self._bn_frozen and self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            self._bn_frozen = True
+            self._info(f"froze the BatchNorm statistics at epoch {epoch}.")
+        self._impl.set_frozen(hosted, observers=self._observers_frozen, bn=self._bn_frozen)
+
+    # ------------------------------------------------------------------ stage changes
+
+    def _start_fake_quant(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        network = self._current_network(pl_module)
+        example = self._example_inputs(pl_module, network, batch)
+        snapshot = TrainingStateSnapshot.capture(trainer, pl_module)
+        self._prepare_(pl_module, network, example)
+        snapshot.restore_(trainer, pl_module)
+        self._started_at = trainer.current_epoch
+        self._apply_freezing(trainer)
+        self._info(
+            f"inserted fake quantization ({self.backend}) into {self._describe_network()} at epoch"
+            f" {trainer.current_epoch}, step {trainer.global_step}."
+        )
+
+    def _prepare_(self, pl_module: pl.LightningModule, network: nn.Module, example: Tensor) -> None:
+        """Trace ``network`` and host its fake-quant version; the LightningModule is untouched on failure."""
+        example = example.detach()
+        self._costs = {}
+        prepared = self._impl.prepare(network, example)
+        self._example_shape = list(example.shape)
+        self._example_dtype = str(example.dtype)
+        self._float_network = network
+        self._host(pl_module, prepared)
+        self._stage = "fake_quant"
+        with contextlib.suppress(Exception):  # a cost figure is not worth failing the run for
+            self._costs = _costs(prepared, example[:1])
+
+    def _convert(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        prepared = self._hosted
+        if prepared is None:
+            raise RuntimeError("QuantizationAwareTraining has no fake-quant network to convert.")
+        if trainer is not None and trainer.world_size > 1:
+            # Each rank's observers and BN statistics saw its own last batches; convert rank 0's everywhere.
+            _broadcast_tensors_(trainer, prepared)
+        converted = self._impl.convert(prepared)
+        self._qparams = self._impl.qparams(converted)
+        self._host(pl_module, converted)
+        self._stage = "converted"
+        self._measure()
+        if self._summary is not None:
+            self._info(
+                f"converted {self._describe_network()} to int8: {self._summary.size_bytes} artifact bytes,"
+                f" {self._summary.macs} MACs, {self._summary.params} params."
+            )
+
+    def _measure(self) -> None:
+        """Artifact bytes, MACs and params of the converted network (``summary``)."""
+        self._summary = None
+        if self._stage != "converted" or self._hosted is None:
+            return
+        try:
+            example = self._random_example(self._hosted)
+            _, self._summary = _build_artifact(
+                self._hosted, example, steps=self._steps(), architecture=self._architecture()
+            )
+        except Exception as err:  # a converted model that cannot be re-exported still evaluates
+            rank_zero_warn(f"QuantizationAwareTraining: could not measure the int8 artifact ({err}).")
+            return
+        self._costs = {"macs": self._summary.macs, "params": self._summary.params}
+
+    def _convert_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fake-quant checkpoint evaluated outside `fit` runs as the int8 model `fit` would have produced.
+        if trainer.state.fn != TrainerFn.FITTING and self._stage == "fake_quant" and self.convert_on_fit_end:
+            self._convert(trainer, pl_module)
+            if self._hosted is not None:
+                self._hosted.eval()
+
+    def _revert_to_float(self, pl_module: pl.LightningModule) -> None:
+        if self._stage == "float" or self._hosted is None:
+            return
+        restored = self._impl.revert(self._hosted, self._float_network)
+        self._unhost(pl_module, restored)
+        self._stage = "float"
+        self._qparams = {}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _install_interceptor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._interceptor is not None and self._interceptor[0] is pl_module:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            self._restore_from_(trainer, pl_module, checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._interceptor = (pl_module, on_load_checkpoint)
+
+    def _restore_from_(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Give ``pl_module`` the structure of ``checkpoint`` (pruned first, then QAT) before its weights load."""
+        self._revert_to_float(pl_module)
+        for cb in self._pruning_callbacks(trainer):
+            cb.restore_structure_(trainer, pl_module, checkpoint)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        target = state.get("stage", "float") if isinstance(state, Mapping) else "float"
+        if target not in _STAGES:
+            raise RuntimeError(f"The checkpoint records an unknown QAT stage {target!r}.")
+        if target == "float" or state is None:
+            return
+        if trainer.state.fn == TrainerFn.FITTING and target == "converted":
+            raise RuntimeError(
+                "The checkpoint holds the converted int8 model, which cannot be trained further. Evaluate it with"
+                " `trainer.test(model, ckpt_path=...)`, or resume from a checkpoint written before conversion."
+            )
+        saved_backend = state.get("backend", self.backend)
+        if saved_backend != self.backend:
+            raise RuntimeError(
+                f"The checkpoint was quantized with backend {saved_backend!r}, this callback uses {self.backend!r}."
+                f" Set `backend={saved_backend!r}`."
+            )
+        saved_name = state.get("network_name")
+        if saved_name is not None and saved_name != self._network_name:
+            raise RuntimeError(
+                f"The checkpoint quantized network {saved_name!r}, but this callback selects {self._network_name!r}."
+                " Set `module` to the same submodule."
+            )
+        shape = state.get("example_input_shape")
+        if not shape:
+            raise RuntimeError("The checkpoint's QAT state has no example input shape; it cannot be rebuilt.")
+        network = self._current_network(pl_module)
+        dtype = state.get("example_input_dtype") or "torch.float32"
+        example = _make_example(shape, dtype, _device_of(network, pl_module))
+        self._prepare_(pl_module, network, example)
+        self.load_state_dict(dict(state))
+        if target == "converted":
+            hosted = self._hosted
+            assert hosted is not None
+            self._impl.calibrate(hosted, example)
+            converted = self._impl.convert(hosted)
+            self._impl.apply_qparams(converted, state.get("qparams", {}))
+            self._qparams = self._impl.qparams(converted)
+            self._host(pl_module, converted)
+            self._stage = "converted"
+            weights = checkpoint.get("state_dict")
+            if isinstance(weights, dict):
+                _unflatten_tensor_subclasses_(weights, pl_module)
+        elif self._hosted is not None:
+            self._impl.set_frozen(self._hosted, observers=self._observers_frozen, bn=self._bn_frozen)
+        self._info(f"rebuilt the {target} structure of {self._describe_network()} from the checkpoint.")
+
+    # ------------------------------------------------------------------ hosting
+
+    def _resolve_name(self, pl_module: pl.LightningModule) -> str:
+        if self.module is not None:
+            resolve_module(pl_module, self.module, arg_name="module")
+            return self.module
+        forward = _forward_network(pl_module)
+        if forward is not None:
+            return next(name for name, child in pl_module.named_children() if child is forward)
+        return ""
+
+    def _current_network(self, pl_module: pl.LightningModule) -> nn.Module:
+        name = self._network_name
+        if not name:
+            return pl_module
+        return resolve_module(pl_module, name, arg_name="module")
+
+    def _host(self, pl_module: pl.LightningModule, new: nn.Module) -> None:
+        history = getattr(self._float_network, _PRUNING_HISTORY_ATTR, None)
+        if history is not None and new is not self._float_network:
+            # StructuredPruning recognises its network by this record; the traced copy must carry it too.
+            object.__setattr__(new, _PRUNING_HISTORY_ATTR, history)
+        if not self._network_name:
+            if new is not pl_module:
+                pl_module.add_module(_HOST_NAME, new)
+                object.__setattr__(pl_module, "forward", types.MethodType(_hosted_forward, pl_module))
+        elif pl_module.get_submodule(self._network_name) is not new:
+            replace_module_(pl_module, self._network_name, new)
+        self._hosted = new
+
+    def _unhost(self, pl_module: pl.LightningModule, restored: nn.Module) -> None:
+        if not self._network_name:
+            if _HOST_NAME in pl_module._modules:
+                delattr(pl_module, _HOST_NAME)
+            pl_module.__dict__.pop("forward", None)
+        elif pl_module.get_submodule(self._network_name) is not restored:
+            replace_module_(pl_module, self._network_name, restored)
+        self._hosted = None
+        self._float_network = None
+
+    def _describe_network(self) -> str:
+        return f"module {self._network_name!r}" if self._network_name else "the LightningModule's forward"
+
+    def _architecture(self) -> str:
+        network = self._float_network
+        if network is None or isinstance(network, GraphModule):
+            return "network"
+        return type(network).__name__
+
+    def _steps(self) -> tuple[str, ...]:
+        trainer = self._pl_module._trainer if self._pl_module is not None else None
+        steps = [_pruning_step(cb) for cb in self._pruning_callbacks(trainer)] if trainer is not None else []
+        return (*steps, f"qat:{self.backend}")
+
+    # ------------------------------------------------------------------ inputs and checks
+
+    def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor:
+        device = _device_of(network, pl_module)
+        if self.example_input_shape is not None:
+            return torch.randn(*self.example_input_shape, device=device)
+        if self._example_shape is not None:
+            return _make_example(self._example_shape, self._example_dtype, device)
+        example = pl_module.example_input_array
+        if isinstance(example, Tensor):
+            return example.to(device)
+        if batch is not None:
+            return inputs_from_batch(batch)[:2].detach().to(device)
+        raise RuntimeError(
+            "QuantizationAwareTraining could not find example inputs; pass `example_input_shape` to the callback."
+        )
+
+    def _random_example(self, network: nn.Module) -> Tensor:
+        if not self._example_shape:
+            raise RuntimeError("QuantizationAwareTraining does not know the network's input shape yet.")
+        return _make_example(self._example_shape, self._example_dtype, _device_of(network, self._pl_module))
+
+    def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        whole = not self._network_name or network is _forward_network(pl_module) or self._stage != "float"
+        if self.example_input_shape is None and not whole:
+            raise ValueError(
+                f"Expected `example_input_shape` for module {self._network_name!r}: it is a submodule, so neither"
+                " `example_input_array` nor a training batch can be fed to it. Pass e.g."
+                " example_input_shape=[2, 64, 8, 8]."
+            )
+
+    def _check_schedule(self, trainer: pl.Trainer) -> None:
+        max_epochs = trainer.max_epochs
+        if (
+            self.start_step is None
+            and max_epochs is not None
+            and max_epochs >= 0
+            and self.start_epoch >= max_epochs
+        ):
+            raise ValueError(
+                f"Expected `start_epoch` to be below `max_epochs`={max_epochs}, got {self.start_epoch}: fake"
+                " quantization would never start."
+            )
+        max_steps = trainer.max_steps
+        if (
+            self.start_step is not None
+            and max_steps is not None
+            and max_steps >= 0
+            and self.start_step >= max_steps
+        ):
+            raise ValueError(
+                f"Expected `start_step` to be below `max_steps`={max_steps}, got {self.start_step}: fake"
+                " quantization would never start."
+            )
+
+    def _check_strategy(self, trainer: pl.Trainer, stage: str) -> None:
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if stage == TrainerFn.FITTING and isinstance(launcher, _MultiProcessingLauncher):
+            raise ValueError(
+                "Expected a `strategy` that does not spawn worker processes (e.g. 'ddp'), got one with the"
+                f" {launcher._start_method!r} start method ('ddp_spawn', 'ddp_fork', 'ddp_notebook'): Lightning"
+                " copies the trained weights back into the main process's float model, which cannot hold the"
+                " quantized structure."
+            )
+
+    def _require_converted(self) -> nn.Module:
+        if self._stage != "converted" or self._hosted is None:
+            raise RuntimeError(
+                f"Expected the network to be converted to int8 before saving an artifact, but it is in the"
+                f" {self._stage!r} stage. Call this after `trainer.fit` with `convert_on_fit_end=True` (or after"
+                " `trainer.test(model, ckpt_path=...)` on a QAT checkpoint)."
+            )
+        return self._hosted
+
+    # ------------------------------------------------------------------ logging
+
+    def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            self._captured.append((args[0].detach(), output.detach()))
+
+    def _fake_quant_error(self, pl_module: pl.LightningModule, inputs: Tensor, output: Tensor) -> float:
+        hook, self._error_hook = self._error_hook, None
+        if hook is not None:
+            hook.remove()  # the reference forward below must not be captured
+        try:
+            with torch.no_grad():
+                reference = self._impl.float_forward(self._hosted, self._float_network, pl_module, inputs)
+        finally:
+            if self._hosted is not None:
+                self._error_hook = self._hosted.register_forward_hook(self._capture_output)
+        return float(
+            torch.linalg.vector_norm(output - reference)
+            / torch.linalg.vector_norm(reference).clamp_min(1e-12)
+        )
+
+    def _remove_error_hook(self) -> None:
+        if self._error_hook is not None:
+            self._error_hook.remove()
+            self._error_hook = None
+        self._captured = []
+
+    def _log_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn == TrainerFn.FITTING or self._stage != "converted":
+            return
+        if self._summary is None:
+            self._measure()
+        pl_module.log("qat/stage", float(_STAGES.index(self._stage)), sync_dist=True)
+        if self._summary is not None:
+            pl_module.log("qat/size_bytes", float(self._summary.size_bytes), sync_dist=True)
+            pl_module.log("qat/macs", float(self._summary.macs), sync_dist=True)
+            pl_module.log("qat/params", float(self._summary.params), sync_dist=True)
+
+    def _info(self, message: str) -> None:
+        if self.verbose:
+            rank_zero_info(f"QuantizationAwareTraining: {message}")
+
+
+# ---------------------------------------------------------------------- backends
+
+
+class _Backend:
+    """How one quantization flow prepares, freezes, converts and reverts a network."""
+
+    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+        raise NotImplementedError
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def calibrate(self, prepared: nn.Module, example: Tensor) -> None:
+        """Give observers a shape (their values come from the checkpoint) before a rebuild's conversion."""
+
+    def set_frozen(self, prepared: nn.Module, *, observers: bool, bn: bool) -> None:
+        raise NotImplementedError
+
+    def float_forward(
+        self,
+        prepared: nn.Module | None,
+        float_network: nn.Module | None,
+        pl_module: pl.LightningModule,
+        inputs: Tensor,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def revert(self, hosted: nn.Module, float_network: nn.Module | None) -> nn.Module:
+        raise NotImplementedError
+
+    def qparams(self, converted: nn.Module) -> dict[str, dict[str, float | int]]:
+        return {}
+
+    def apply_qparams(self, converted: nn.Module, qparams: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put back the values a conversion bakes into the program instead of its state_dict."""
+
+
+class _PT2EBackend(_Backend):
+    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        was_training = network.training
+        network.train()  # QAT traces the training-mode graph (BatchNorm with batch statistics)
+        try:
+            program = export_with_dynamic_batch(network, example)
+        finally:
+            network.train(was_training)
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+        prepared = prepare_qat_pt2e(program.module(), quantizer)
+        make_exported_train_eval_(prepared)
+        prepared._hybridcomp_observers_frozen = False  # type: ignore[assignment]
+        prepared._hybridcomp_calibrating = False  # type: ignore[assignment]
+        prepared.register_forward_pre_hook(_sync_observers_hook)
+        prepared.train()
+        return prepared
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        if not isinstance(prepared, GraphModule):
+            raise TypeError(f"Expected a prepared PT2E GraphModule, got {type(prepared).__name__}.")
+        make_exported_train_eval_(prepared)
+        prepared.eval()
+        with _conv_bn_folding_limited_to_present_convs(prepared):
+            converted = convert_pt2e(prepared)
+        make_exported_train_eval_(converted)
+        strip_unused_attributes_(converted)
+        converted.eval()
+        for param in converted.parameters():
+            param.requires_grad_(False)
+        return converted
+
+    def calibrate(self, prepared: nn.Module, example: Tensor) -> None:
+        prepared.eval()
+        prepared._hybridcomp_calibrating = True  # type: ignore[assignment]
+        try:
+            with torch.no_grad():
+                prepared(example)
+        finally:
+            prepared._hybridcomp_calibrating = False  # type: ignore[assignment]
+
+    def set_frozen(self, prepared: nn.Module, *, observers: bool, bn: bool) -> None:
+        prepared._hybridcomp_observers_frozen = observers  # type: ignore[assignment]
+        if isinstance(prepared, GraphModule) and bn != getattr(prepared, "_hybridcomp_frozen_bn", False):
+            set_exported_bn_frozen_(prepared, bn)
+
+    def float_forward(
+        self,
+        prepared: nn.Module | None,
+        float_network: nn.Module | None,
+        pl_module: pl.LightningModule,
+        inputs: Tensor,
+    ) -> Tensor:
+        # The prepared graph shares the float network's parameters and BN buffers, so this is the same model
+        # without fake quantization.
+        if float_network is None or float_network is pl_module:
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                return type(pl_module).forward(pl_module, inputs)
+            finally:
+                pl_module.train(was_training)
+        float_network.eval()
+        return float_network(inputs)
+
+    def revert(self, hosted: nn.Module, float_network: nn.Module | None) -> nn.Module:
+        if float_network is None:
+            raise RuntimeError("QuantizationAwareTraining lost the float network it replaced.")
+        return float_network
+
+    def qparams(self, converted: nn.Module) -> dict[str, dict[str, float | int]]:
+        assert isinstance(converted, GraphModule)
+        values: dict[str, dict[str, float | int]] = {}
+        for node in converted.graph.nodes:
+            if node.op == "call_function" and "quantized_decomposed" in str(node.target):
+                literals = {
+                    str(i): a
+                    for i, a in enumerate(node.args)
+                    if isinstance(a, (int, float)) and not isinstance(a, bool)
+                }
+                if literals:
+                    values[node.name] = literals
+        return values
+
+    def apply_qparams(self, converted: nn.Module, qparams: Mapping[str, Mapping[str, Any]]) -> None:
+        assert isinstance(converted, GraphModule)
+        nodes = {n.name: n for n in converted.graph.nodes}
+        missing = sorted(set(qparams) - set(nodes))
+        if missing:
+            raise RuntimeError(
+                f"The checkpoint's int8 program does not match the rebuilt one (missing nodes {missing[:5]}); was it"
+                " written by another version of the network?"
+            )
+        for name, literals in qparams.items():
+            args = list(nodes[name].args)
+            for index, value in literals.items():
+                args[int(index)] = value
+            nodes[name].args = tuple(args)
+        converted.recompile()
+
+
+class _LinearInt8Backend(_Backend):
+    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+        from torchao.quantization import (
+            Int8DynamicActivationIntxWeightConfig,
+            IntxWeightOnlyConfig,
+            PerAxis,
+            quantize_,
+        )
+        from torchao.quantization.qat import QATConfig
+
+        linears = [m for m in network.modules() if type(m) is nn.Linear]
+        embeddings = [m for m in network.modules() if type(m) is nn.Embedding]
+        if not linears and not embeddings:
+            raise ValueError(
+                f"Expected the network ({type(network).__name__}) to contain nn.Linear or nn.Embedding layers for"
+                " backend 'linear_int8', found none. Use backend='x86_pt2e' for convolutional networks."
+            )
+        others = [type(m).__name__ for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        if others:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: backend 'linear_int8' quantizes Linear and Embedding only; {len(others)}"
+                " convolution layers stay fp32. Use backend='x86_pt2e' to quantize them too."
+            )
+        holder = _Holder(network)
+        linear_base = Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int8, weight_granularity=PerAxis(0)
+        )
+        quantize_(holder, QATConfig(linear_base, step="prepare"), filter_fn=_is_plain(nn.Linear))
+        embedding_base = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+        quantize_(holder, QATConfig(embedding_base, step="prepare"), filter_fn=_is_plain(nn.Embedding))
+        return holder.network
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            IntxWeightOnlyConfig,
+            MappingType,
+            PerAxis,
+            quantize_,
+        )
+
+        holder = _Holder(self._to_float_modules(prepared))
+        # Asymmetric per-token activations and symmetric per-channel weights, as the fake quantizers simulated.
+        config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
+        quantize_(holder, config, filter_fn=_is_plain(nn.Linear))
+        embedding = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+        quantize_(holder, embedding, filter_fn=_is_plain(nn.Embedding))
+        holder.network.eval()
+        for param in holder.network.parameters():
+            param.requires_grad_(False)
+        return holder.network
+
+    def set_frozen(self, prepared: nn.Module, *, observers: bool, bn: bool) -> None:
+        if bn:
+            for module in prepared.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def float_forward(
+        self,
+        prepared: nn.Module | None,
+        float_network: nn.Module | None,
+        pl_module: pl.LightningModule,
+        inputs: Tensor,
+    ) -> Tensor:
+        assert prepared is not None
+        with _fake_quantizers_disabled(prepared):
+            return prepared(inputs)
+
+    def revert(self, hosted: nn.Module, float_network: nn.Module | None) -> nn.Module:
+        network = self._to_float_modules(hosted)
+        for module in network.modules():
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(module, (nn.Linear, nn.Embedding))
+                and weight is not None
+                and type(weight) is not nn.Parameter
+            ):
+                # int8 data cannot become fp32 weights again; the checkpoint about to load provides them.
+                module.weight = nn.Parameter(torch.zeros(weight.shape, device=weight.device))
+        return network
+
+    @staticmethod
+    def _to_float_modules(prepared: nn.Module) -> nn.Module:
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
+
+        holder = _Holder(prepared)
+        quantize_(
+            holder,
+            QATConfig(step="convert"),
+            filter_fn=lambda m, _: isinstance(m, (FakeQuantizedLinear, FakeQuantizedEmbedding)),
+        )
+        return holder.network
+
+
+class _Holder(nn.Module):
+    """A parent for the network, so that torchao's module swaps also reach a root Linear/Embedding."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+
+def _is_plain(kind: type[nn.Module]) -> Callable[[nn.Module, str], bool]:
+    return lambda module, fqn: type(module) is kind
+
+
+@contextlib.contextmanager
+def _fake_quantizers_disabled(network: nn.Module) -> Iterator[None]:
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    quantizers = [m for m in network.modules() if isinstance(m, FakeQuantizerBase)]
+    states = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, state in zip(quantizers, states):
+            q.enabled = state
+
+
+@contextlib.contextmanager
+def _conv_bn_folding_limited_to_present_convs(graph_module: GraphModule) -> Iterator[None]:
+    """Skip convert_pt2e's conv-BN folding searches for convolution kinds the graph does not contain.
+
+    The folding exports 24 pattern graphs for each of conv1d, conv2d, conv_transpose1d and
+    conv_transpose2d (about 10 s on a CPU core) whatever the model holds; a conv2d net needs a quarter.
+    """
+    import torch.nn.functional as F
+
+    try:
+        from torchao.quantization.pt2e import qat_utils
+    except ImportError:  # another torchao layout: keep its own behaviour
+        yield
+        return
+    helper = getattr(qat_utils, "_fold_conv_bn_qat_helper", None)
+    present = {
+        n.target._opname
+        for n in graph_module.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    }
+    if helper is None or present & {"convolution", "_convolution"}:
+        yield
+        return
+    kinds = {
+        F.conv1d: "conv1d",
+        F.conv2d: "conv2d",
+        F.conv_transpose1d: "conv_transpose1d",
+        F.conv_transpose2d: "conv_transpose2d",
+    }
+
+    def fold_present_only(m: GraphModule, conv_fn: Any, example_inputs: Any, is_cuda: bool) -> GraphModule:
+        kind = kinds.get(conv_fn)
+        if kind is not None and kind not in present:
+            return m
+        return helper(m, conv_fn, example_inputs, is_cuda=is_cuda)
+
+    qat_utils._fold_conv_bn_qat_helper = fold_present_only
+    try:
+        yield
+    finally:
+        qat_utils._fold_conv_bn_qat_helper = helper
+
+
+def _sync_observers_hook(module: nn.Module, args: Any) -> None:
+    """Observers learn activation ranges in training only (not from validation data), unless frozen."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    enabled = getattr(module, "_hybridcomp_calibrating", False) or (
+        module.training and not getattr(module, "_hybridcomp_observers_frozen", False)
+    )
+    for child in module.modules():
+        if isinstance(child, FakeQuantizeBase) and bool(child.observer_enabled[0]) != enabled:
+            child.observer_enabled[0] = int(enabled)
+
+
+def _hosted_forward(self: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
+    return getattr(self, _HOST_NAME)(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+_INNER_SEP = "::"
+
+
+def _is_tensor_subclass(value: Any) -> bool:
+    return (
+        isinstance(value, Tensor)
+        and type(value) not in (Tensor, nn.Parameter)
+        and hasattr(value, "__tensor_flatten__")
+    )
+
+
+def _flatten_tensor_subclasses_(state: dict[str, Any]) -> None:
+    """Replace each tensor-subclass entry ``k`` by its plain inner tensors ``k::<name>``."""
+    for key, value in list(state.items()):
+        if not _is_tensor_subclass(value):
+            continue
+        names, _ = value.__tensor_flatten__()
+        for name in names:
+            inner = getattr(value, name)
+            if _is_tensor_subclass(inner):
+                raise RuntimeError(f"Cannot checkpoint {key!r}: its {name!r} is itself a tensor subclass.")
+            state[f"{key}{_INNER_SEP}{name}"] = inner.detach()
+        del state[key]
+
+
+def _unflatten_tensor_subclasses_(state: dict[str, Any], pl_module: pl.LightningModule) -> None:
+    """Load ``k::<name>`` entries into the rebuilt module's subclass tensors and put those back as ``k``."""
+    if not any(_INNER_SEP in key for key in state):
+        return
+    with torch.no_grad():
+        for key, tensor in pl_module.state_dict(keep_vars=True).items():
+            if not _is_tensor_subclass(tensor):
+                continue
+            names, _ = tensor.__tensor_flatten__()
+            for name in names:
+                source = state.pop(f"{key}{_INNER_SEP}{name}", None)
+                if source is None:
+                    raise RuntimeError(f"The checkpoint has no {name!r} data for the int8 tensor {key!r}.")
+                getattr(tensor, name).copy_(source)
+            state[key] = tensor
+
+
+def _check_epoch(value: Any, name: str, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        options = "a non-negative integer or None" if optional else "a non-negative integer"
+        raise ValueError(f"Expected `{name}` to be {options}, got {value!r}.")
+
+
+def _make_example(shape: list[int], dtype: str, device: torch.device) -> Tensor:
+    """Random inputs of a recorded shape and dtype (zeros for integer inputs: valid embedding indices)."""
+    torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise RuntimeError(f"Unknown example input dtype {dtype!r} in the QAT state.")
+    if torch_dtype.is_floating_point:
+        return torch.randn(*shape, device=device, dtype=torch_dtype)
+    return torch.zeros(*shape, device=device, dtype=torch_dtype)
+
+
+def _device_of(network: nn.Module, fallback: nn.Module | None = None) -> torch.device:
+    for param in network.parameters():
+        return param.device
+    for buffer in network.buffers():
+        return buffer.device
+    device = getattr(fallback, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def _costs(network: nn.Module, sample: Tensor) -> dict[str, int]:
+    from lightning_hybridcomp.artifacts import count_program_macs
+
+    was_training = network.training
+    network.eval()
+    try:
+        macs = count_program_macs(network, sample)
+    finally:
+        network.train(was_training)
+    params = sum(p.numel() for p in network.parameters())
+    return {"macs": macs, "params": params}
+
+
+def _broadcast_tensors_(trainer: pl.Trainer, module: nn.Module) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _pruning_step(cb: Any) -> str:
+    importance = getattr(cb, "importance", "?")
+    importance = importance if isinstance(importance, str) else type(importance).__name__
+    for attr, prefix in (
+        ("pruning_ratio", ""),
+        ("target_macs_ratio", "macs="),
+        ("target_params_ratio", "params="),
+    ):
+        value = getattr(cb, attr, None)
+        if value is not None:
+            return f"prune:{importance}:{prefix}{value:g}"
+    return f"prune:{importance}"
