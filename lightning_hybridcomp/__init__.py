@@ -9,17 +9,20 @@ from lightning_hybridcomp.artifacts import (
     save_artifact,
 )
 from lightning_hybridcomp.callbacks import QuantizationAwareTraining, StructuredPruning, load_pruned_model
+from lightning_hybridcomp.moe import MoELightningModule, load_moe
 from lightning_hybridcomp.profiling import ModelProfile, profile_model
 
 __all__ = [
     "ArtifactMetadata",
     "LoadedArtifact",
     "ModelProfile",
+    "MoELightningModule",
     "QuantizationAwareTraining",
     "StructuredPruning",
     "__version__",
     "compile_artifact",
     "load_artifact",
+    "load_moe",
     "load_pruned_model",
     "profile_model",
     "save_artifact",

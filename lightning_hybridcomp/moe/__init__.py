@@ -1,0 +1,27 @@
+"""Mixture of Experts over compressed classifiers: a learned top-k gate and sparse per-sample dispatch."""
+
+from lightning_hybridcomp.moe.gate import (
+    GateNetwork,
+    TopKGating,
+    dense_gates,
+    importance_loss,
+    load_balancing_loss,
+    router_z_loss,
+    routing_mask,
+    top_k_gate,
+)
+from lightning_hybridcomp.moe.module import DispatchResult, MoELightningModule, load_moe
+
+__all__ = [
+    "DispatchResult",
+    "GateNetwork",
+    "MoELightningModule",
+    "TopKGating",
+    "dense_gates",
+    "importance_loss",
+    "load_balancing_loss",
+    "load_moe",
+    "router_z_loss",
+    "routing_mask",
+    "top_k_gate",
+]
