@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_hybridcomp._lightning import first_tensor
+from lightning_hybridcomp.pipeline_config import PipelineError
 from lightning_hybridcomp.profiling import format_table, profile_model
 
 _DEFAULT_MODEL = "lightning_hybridcomp.models.ImageClassifier"
@@ -70,13 +71,42 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _pipeline_main(args: list[str]) -> None:
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(
+        prog="hybridcomp pipeline",
+        description="Baseline -> compressed experts -> Mixture of Experts -> report, resumable from disk.",
+    )
+    parser.add_argument("--config", help="pipeline YAML; without it the embedded default runs")
+    parser.add_argument("--run_dir", help="where everything is written (overrides the config's run_dir)")
+    parser.add_argument("--force", action="store_true", help="delete an earlier run's results and redo all")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    options = parser.parse_args(args)
+    from lightning_hybridcomp.pipeline import Pipeline
+    from lightning_hybridcomp.pipeline_config import load_pipeline_config
+
+    config = load_pipeline_config(options.config, {"run_dir": options.run_dir})
+    if options.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return
+    Pipeline(config, force=options.force).run()
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``hybridcomp`` console script.
 
-    Argument errors raised by the package (``ValueError``/``TypeError`` with the offending argument in
-    the message) are printed as one line and exit with status 2 instead of a parser traceback.
+    ``hybridcomp pipeline`` runs the main job; every other subcommand is LightningCLI's. Argument errors
+    raised by the package (``ValueError``/``TypeError`` naming the offending argument) and a refused run
+    directory are printed as one line and exit with status 2 instead of a traceback.
     """
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv[:1] == ["pipeline"]:
+            _pipeline_main(argv[1:])
+            return
         HybridCompCLI(
             model_class=None,
             datamodule_class=None,
@@ -86,7 +116,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"default_root_dir": "runs"},
             save_config_kwargs={"overwrite": True},
         )
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, PipelineError) as err:
         cause = _root_cause(err)
         print(f"hybridcomp: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from err

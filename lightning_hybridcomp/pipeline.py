@@ -1,0 +1,480 @@
+"""The main job: baseline -> compressed experts -> Mixture of Experts -> report, resumable from disk.
+
+Each phase writes into its own folder and marks itself finished with ``done.json`` only after all its
+files are in place, so an interrupted run (a kill, a full disk) never loses a finished phase, and a
+re-run skips what is done and resumes an interrupted phase from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch import Tensor, nn
+
+from lightning_hybridcomp._lightning import inputs_from_batch
+from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
+from lightning_hybridcomp.callbacks.pruning import StructuredPruning
+from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+from lightning_hybridcomp.pipeline_config import (
+    ExpertConfig,
+    PipelineConfig,
+    PipelineError,
+    check_init_args,
+    load_pipeline_config,
+)
+from lightning_hybridcomp.profiling import measure_latency
+from lightning_hybridcomp.report import ResultRow, report_table, write_report
+
+__all__ = ["Pipeline", "PipelineError", "run_pipeline"]
+
+_DONE = "done.json"
+_CONFIG = "config.json"
+_OWNED = ("baseline", "experts", "moe", "logs", "report.md", "results.json", "pareto.png", _CONFIG)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return (
+        importlib.util.find_spec("tensorboard") is not None
+        or importlib.util.find_spec("tensorboardX") is not None
+    )
+
+
+def _completed_epochs(checkpoint_path: Path) -> int:
+    """Training epochs the fit loop had completed when the checkpoint was written."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+    except (KeyError, TypeError, ValueError):
+        return int(checkpoint.get("epoch", 0))
+
+
+def _read_done(folder: Path) -> dict[str, Any] | None:
+    marker = folder / _DONE
+    if not marker.is_file():
+        return None
+    try:
+        return dict(json.loads(marker.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+class _PhaseProgress(Callback):
+    """Prints the estimated time left in a phase after each training epoch (rank zero)."""
+
+    def __init__(self, label: str, say: Callable[[str], None]) -> None:
+        self.label = label
+        self.say = say
+        self._start = 0.0
+        self._first_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.monotonic()
+        self._first_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        done = trainer.current_epoch + 1 - self._first_epoch
+        left = (trainer.max_epochs or 0) - trainer.current_epoch - 1
+        per_epoch = (time.monotonic() - self._start) / max(done, 1)
+        self.say(
+            f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done;"
+            f" about {per_epoch * left:.0f}s left in this phase"
+        )
+
+
+@dataclass
+class _Phase:
+    name: str
+    folder: Path
+    run: Callable[[], dict[str, Any]]
+
+
+class Pipeline:
+    """One run of the two-phase method, resumable from its run directory.
+
+    Args:
+        config: the run's configuration (see :mod:`lightning_hybridcomp.pipeline_config`).
+        force: delete what an earlier run left in ``config.run_dir`` and redo everything.
+        say: where progress lines go (``print`` by default).
+
+    Raises:
+        PipelineError: if ``run_dir`` holds results of a different configuration and ``force`` is off.
+        ValueError: if an expert's pruning or quantization arguments are unknown to the callbacks.
+    """
+
+    def __init__(
+        self, config: PipelineConfig, *, force: bool = False, say: Callable[[str], None] = print
+    ) -> None:
+        self.config = config
+        self.force = force
+        self.say = say
+        self.run_dir = Path(config.run_dir)
+        for i, expert in enumerate(config.experts):
+            if expert.pruning is not None:
+                check_init_args(StructuredPruning, expert.pruning, section=f"experts[{i}].pruning")
+            if expert.quantization is not None:
+                check_init_args(
+                    QuantizationAwareTraining, expert.quantization, section=f"experts[{i}].quantization"
+                )
+        self._datamodule: pl.LightningDataModule | None = None
+        self._phase_times: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ run directory
+
+    def _prepare_run_dir(self) -> None:
+        fingerprint = self.config.fingerprint()
+        marker = self.run_dir / _CONFIG
+        if self.force and self.run_dir.exists():
+            for name in _OWNED:
+                target = self.run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        elif marker.is_file():
+            previous = json.loads(marker.read_text()).get("fingerprint")
+            if previous != fingerprint:
+                raise PipelineError(
+                    f"The run directory {str(self.run_dir)!r} holds results of a different configuration"
+                    f" (fingerprint {previous} vs {fingerprint}). Results of two configurations are never"
+                    " mixed: pass --force to redo everything there, or choose another --run_dir."
+                )
+        elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            raise PipelineError(
+                f"The run directory {str(self.run_dir)!r} is not empty and holds no pipeline run. Choose"
+                " another --run_dir, or pass --force to use it anyway (only the pipeline's own files are"
+                " replaced)."
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(marker, {"fingerprint": fingerprint, "config": self.config.to_dict()})
+
+    # ------------------------------------------------------------------ shared pieces
+
+    @property
+    def datamodule(self) -> pl.LightningDataModule:
+        if self._datamodule is None:
+            self._datamodule = self.config.data.instantiate(pl.LightningDataModule, section="data")
+            self._datamodule.prepare_data()
+            self._datamodule.setup("fit")
+        return self._datamodule
+
+    def _example_inputs(self, model: nn.Module | None = None) -> Tensor:
+        example = getattr(model, "example_input_array", None)
+        if isinstance(example, Tensor):
+            return example[:1].detach().cpu()
+        batch = next(iter(self.datamodule.val_dataloader()))
+        return inputs_from_batch(batch)[:1].detach().cpu()
+
+    def _loggers(self, name: str) -> list[Logger]:
+        # One version folder per attempt, so a resumed phase never overwrites the interrupted one's logs.
+        loggers: list[Logger] = [CSVLogger(str(self.run_dir / "logs"), name=name)]
+        if _tensorboard_available():
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(str(self.run_dir / "logs" / "tensorboard"), name=name))
+        return loggers
+
+    def _trainer(self, folder: Path, label: str, max_epochs: int, callbacks: list[Callback]) -> pl.Trainer:
+        checkpoint = ModelCheckpoint(dirpath=str(folder / "checkpoints"), save_last=True, save_top_k=0)
+        kwargs: dict[str, Any] = {
+            "max_epochs": max_epochs,
+            "logger": self._loggers(label),
+            "callbacks": [*callbacks, _PhaseProgress(label, self.say), checkpoint],
+            "default_root_dir": str(folder),
+            "log_every_n_steps": 10,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+        }
+        kwargs.update(self.config.trainer)
+        return pl.Trainer(**kwargs)
+
+    def _fit(self, trainer: pl.Trainer, model: pl.LightningModule, folder: Path) -> None:
+        """Fit, resuming from the phase's last checkpoint when an earlier run was interrupted.
+
+        A last checkpoint of a finished fit (the run stopped before the phase's files were written) is
+        restored with ``validate`` instead: it rebuilds the final (pruned, int8) structure and weights
+        without training.
+        """
+        last = folder / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            trainer.fit(model, datamodule=self.datamodule)
+            return
+        self.say(f"resuming from {last}")
+        if _completed_epochs(last) >= (trainer.max_epochs or 0):
+            trainer.validate(model, datamodule=self.datamodule, ckpt_path=str(last), verbose=False)
+        else:
+            trainer.fit(model, datamodule=self.datamodule, ckpt_path=str(last))
+
+    def _baseline_model(self, lr: float | None = None) -> pl.LightningModule:
+        spec = copy.deepcopy(self.config.baseline.model)
+        if lr is not None:
+            spec.init_args["lr"] = lr
+        return spec.instantiate(pl.LightningModule, section="baseline.model")
+
+    # ------------------------------------------------------------------ phases
+
+    def _run_baseline(self) -> dict[str, Any]:
+        folder = self.run_dir / "baseline"
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.baseline
+        pl.seed_everything(self.config.seed, workers=True)
+        model = self._baseline_model()
+        if cfg.checkpoint:
+            self._load_starting_checkpoint(model, cfg.checkpoint)
+        if cfg.max_epochs > 0:
+            trainer = self._trainer(folder, "baseline", cfg.max_epochs, [])
+            self._fit(trainer, model, folder)
+        weights = folder / "weights.pt"
+        tmp = folder / "weights.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, weights)
+        meta = save_artifact(model.cpu().eval(), folder / "model.pt2", self._example_inputs(model), steps=())
+        return {"weights": str(weights), "artifact": str(folder / "model.pt2"), "macs": meta.macs}
+
+    def _load_starting_checkpoint(self, model: pl.LightningModule, path: str) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"Expected `baseline.checkpoint` to be an existing file, got {path!r}.")
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
+            raise ValueError(f"Could not read `baseline.checkpoint` {path!r}: {err}") from err
+        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"Expected `baseline.checkpoint` {path!r} to hold a state_dict.")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[:800]
+            raise ValueError(
+                f"The starting checkpoint {path!r} does not match the configured model"
+                f" {self.config.baseline.model.class_path}: {detail}"
+            ) from err
+
+    def _run_expert(self, spec: ExpertConfig) -> dict[str, Any]:
+        folder = self.run_dir / "experts" / spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        pl.seed_everything(spec.seed, workers=True)
+        model = self._baseline_model(spec.lr)
+        model.load_state_dict(torch.load(self.run_dir / "baseline" / "weights.pt", weights_only=True))
+        callbacks: list[Callback] = []
+        steps: list[str] = []
+        if spec.pruning is not None:
+            callbacks.append(StructuredPruning(**spec.pruning))
+        quantization = (
+            QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
+        )
+        if quantization is not None:
+            callbacks.append(quantization)
+        trainer = self._trainer(folder, f"expert-{spec.name}", spec.max_epochs, callbacks)
+        self._fit(trainer, model, folder)
+        artifact = folder / "expert.pt2"
+        if quantization is not None:
+            meta = quantization.save_artifact(artifact)
+        else:
+            if spec.pruning is not None:
+                steps.append(f"prune:{spec.pruning}")
+            meta = save_artifact(model.cpu().eval(), artifact, self._example_inputs(model), steps=steps)
+        return {"artifact": str(artifact), "macs": meta.macs, "steps": list(meta.steps)}
+
+    def _run_moe(self, top_k: int) -> dict[str, Any]:
+        from lightning_hybridcomp.moe import MoELightningModule
+
+        folder = self.run_dir / "moe" / f"k{top_k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pl.seed_everything(self.config.seed, workers=True)
+        experts = [str(self.run_dir / "experts" / e.name / "expert.pt2") for e in self.config.experts]
+        moe = MoELightningModule(experts=experts, top_k=top_k, **self.config.moe.options)
+        trainer = self._trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
+        self._fit(trainer, moe, folder)
+        target = folder / "moe.ckpt"
+        tmp = folder / "moe.ckpt.tmp"
+        trainer.save_checkpoint(str(tmp), weights_only=False)
+        os.replace(tmp, target)
+        return {"checkpoint": str(target)}
+
+    def _run_evaluation(self) -> dict[str, Any]:
+        rows = self.evaluate()
+        header = (
+            f"Run directory `{self.run_dir}`, configuration fingerprint `{self.config.fingerprint()}`,"
+            f" {len(self.config.experts)} experts, MoE at k = {self.config.moe.top_k}."
+        )
+        write_report(self.run_dir, rows, header=header, metadata=self._machine())
+        return {"models": [r.name for r in rows]}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        dm = self.datamodule
+        dm.setup("test")
+        for batch in dm.test_dataloader():
+            yield inputs_from_batch(batch), batch[1]
+
+    def _accuracy(self, forward: Callable[[Tensor], Tensor]) -> float:
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in self._test_batches():
+                correct += int((forward(x).argmax(dim=-1) == y).sum())
+                total += int(y.numel())
+        return correct / max(total, 1)
+
+    def _latencies(self, forward: Callable[[Tensor], Tensor], example: Tensor) -> dict[int, float]:
+        ev = self.config.evaluation
+        out = {}
+        for size in ev.latency_batch_sizes:
+            batch = example[:1].expand(size, *example.shape[1:]).contiguous()
+            out[size] = measure_latency(forward, batch, warmup=ev.warmup, repeats=ev.repeats)
+        return out
+
+    def _program_row(self, name: str, kind: str, path: Path, example: Tensor) -> ResultRow:
+        loaded = load_artifact(path)
+        forward: Callable[[Tensor], Tensor] = loaded.module
+        if self.config.evaluation.compile:
+            forward = compile_artifact(loaded.module)
+        latency = self._latencies(forward, example)
+        return ResultRow(
+            name=name,
+            kind=kind,
+            accuracy=self._accuracy(forward),
+            params=loaded.metadata.params,
+            macs=float(loaded.metadata.macs),
+            bytes=path.stat().st_size,
+            latency_b1_ms=latency.get(1),
+            latency_b64_ms=latency.get(64),
+            extra={"steps": list(loaded.metadata.steps), "dtype": loaded.metadata.dtype},
+        )
+
+    def evaluate(self) -> list[ResultRow]:
+        """Measure the baseline, every expert and the MoE at each ``top_k`` on the test split."""
+        from lightning_hybridcomp.moe import load_moe
+
+        example = self._example_inputs()
+        rows = [self._program_row("baseline", "baseline", self.run_dir / "baseline" / "model.pt2", example)]
+        for expert in self.config.experts:
+            path = self.run_dir / "experts" / expert.name / "expert.pt2"
+            rows.append(self._program_row(expert.name, "expert", path, example))
+        for k in self.config.moe.top_k:
+            moe = load_moe(self.run_dir / "moe" / f"k{k}" / "moe.ckpt").eval()
+            if self.config.evaluation.compile:
+                moe.compile_experts_()
+            accuracy = self._accuracy(moe)
+            stats = moe.routing_statistics(torch.cat([x for x, _ in self._test_batches()]))
+            latency = self._latencies(moe, example)
+            rows.append(
+                ResultRow(
+                    name=f"moe-k{k}",
+                    kind="moe",
+                    accuracy=accuracy,
+                    params=moe.total_params(),
+                    macs=float(stats["expected_macs"]),
+                    bytes=moe.total_bytes(),
+                    latency_b1_ms=latency.get(1),
+                    latency_b64_ms=latency.get(64),
+                    extra={"expert_load": stats["expert_load"], "top_k": k},
+                )
+            )
+        return rows
+
+    @staticmethod
+    def _machine() -> dict[str, Any]:
+        import platform
+
+        return {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}",
+            "threads": torch.get_num_threads(),
+        }
+
+    # ------------------------------------------------------------------ driver
+
+    def phases(self) -> list[_Phase]:
+        phases = [_Phase("baseline", self.run_dir / "baseline", self._run_baseline)]
+        for i, expert in enumerate(self.config.experts):
+            phases.append(
+                _Phase(
+                    f"expert {i + 1}/{len(self.config.experts)} '{expert.name}'",
+                    self.run_dir / "experts" / expert.name,
+                    functools.partial(self._run_expert, expert),
+                )
+            )
+        for k in self.config.moe.top_k:
+            phases.append(
+                _Phase(f"MoE top-{k}", self.run_dir / "moe" / f"k{k}", functools.partial(self._run_moe, k))
+            )  # type: ignore[misc]
+        phases.append(_Phase("evaluation", self.run_dir / "evaluation", self._run_evaluation))
+        return phases
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run every phase that is not finished yet, then print the report table.
+
+        Returns:
+            The ``results.json`` model entries.
+        """
+        self._prepare_run_dir()
+        phases = self.phases()
+        durations: list[float] = []
+        for number, phase in enumerate(phases, start=1):
+            done = _read_done(phase.folder)
+            if done is not None:
+                self.say(f"=== Phase {number}/{len(phases)}: {phase.name} — finished earlier, skipped ===")
+                continue
+            remaining = len(phases) - number + 1
+            eta = (
+                f", about {sum(durations) / len(durations) * remaining:.0f}s left in all" if durations else ""
+            )
+            self.say(f"=== Phase {number}/{len(phases)}: {phase.name}{eta} ===")
+            phase.folder.mkdir(parents=True, exist_ok=True)
+            start = time.monotonic()
+            result = phase.run()
+            elapsed = time.monotonic() - start
+            durations.append(elapsed)
+            _write_json(phase.folder / _DONE, {"phase": phase.name, "seconds": round(elapsed, 1), **result})
+        results = json.loads((self.run_dir / "results.json").read_text())
+        rows = [ResultRow(**{k: v for k, v in m.items() if k != "ratios"}) for m in results["models"]]
+        self.say("\n" + report_table(rows))
+        self.say(f"\nReport: {self.run_dir / 'report.md'}")
+        return list(results["models"])
+
+
+def run_pipeline(
+    config: str | os.PathLike[str] | PipelineConfig | None = None,
+    *,
+    run_dir: str | None = None,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Run the pipeline from a YAML path, a :class:`PipelineConfig`, or the embedded default (``None``).
+
+    Example::
+
+        >>> run_pipeline(None, run_dir="runs/pipeline")  # doctest: +SKIP
+    """
+    if isinstance(config, PipelineConfig):
+        if run_dir is not None:
+            config = copy.deepcopy(config)
+            config.run_dir = run_dir
+        resolved = config
+    else:
+        resolved = load_pipeline_config(Path(config) if config is not None else None, {"run_dir": run_dir})
+    return Pipeline(resolved, force=force).run()

@@ -1,0 +1,278 @@
+"""The main job end to end on a miniature configuration (tiny model, few batches)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_hybridcomp.artifacts import load_artifact
+from lightning_hybridcomp.pipeline import Pipeline
+from lightning_hybridcomp.pipeline_config import PipelineError, parse_pipeline_config
+
+MINI = {
+    "seed": 0,
+    "data": {
+        "class_path": "lightning_hybridcomp.data.DigitsDataModule",
+        "init_args": {"batch_size": 64, "image_size": 8},
+    },
+    "baseline": {
+        "model": {
+            "class_path": "lightning_hybridcomp.models.ImageClassifier",
+            "init_args": {"backbone": "small_cnn", "width": 8, "image_size": 8, "lr": 0.01},
+        },
+        "max_epochs": 2,
+    },
+    "experts": [
+        {
+            "name": "half",
+            "pruning": {"pruning_ratio": 0.5, "iterative_steps": 1},
+            "quantization": {"backend": "x86_pt2e"},
+            "max_epochs": 2,
+        },
+        {
+            "name": "third",
+            "pruning": {"pruning_ratio": 0.3, "iterative_steps": 1},
+            "max_epochs": 2,
+            "seed": 1,
+        },
+    ],
+    "moe": {"top_k": [1, 2], "max_epochs": 1},
+    "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 2, "warmup": 1, "compile": False},
+    "trainer": {"limit_train_batches": 4, "limit_val_batches": 2, "enable_progress_bar": False},
+}
+
+
+def _write_config(tmp_path: Path, **changes) -> Path:
+    raw = json.loads(json.dumps(MINI))
+    raw.update(changes)
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _command(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lightning_hybridcomp.cli",
+        "pipeline",
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        *extra,
+    ]
+
+
+def _run(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(config, run_dir, *extra), capture_output=True, text=True, timeout=900)
+
+
+def _done_times(run_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("done.json")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = _write_config(tmp)
+    run_dir = tmp / "run"
+    result = _run(config, run_dir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return config, run_dir, result
+
+
+def test_pipeline_writes_every_output(finished_run) -> None:
+    _, run_dir, result = finished_run
+    for name in ("report.md", "results.json", "pareto.png", "config.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "baseline" / "model.pt2").is_file()
+    for expert in ("half", "third"):
+        assert (run_dir / "experts" / expert / "expert.pt2").is_file()
+    for k in (1, 2):
+        assert (run_dir / "moe" / f"k{k}" / "moe.ckpt").is_file()
+    assert list((run_dir / "logs").rglob("metrics.csv"))
+    out = result.stdout + result.stderr
+    assert "=== Phase 1/6: baseline" in out and "=== Phase 2/6: expert 1/2 'half'" in out
+    assert "left in this phase" in out
+    assert "| moe-k2 " in out
+
+
+def test_results_match_the_files(finished_run) -> None:
+    _, run_dir, _ = finished_run
+    results = json.loads((run_dir / "results.json").read_text())
+    models = {m["name"]: m for m in results["models"]}
+    assert set(models) == {"baseline", "half", "third", "moe-k1", "moe-k2"}
+    for name, path in [
+        ("baseline", run_dir / "baseline" / "model.pt2"),
+        ("half", run_dir / "experts" / "half" / "expert.pt2"),
+        ("third", run_dir / "experts" / "third" / "expert.pt2"),
+    ]:
+        loaded = load_artifact(path)
+        assert models[name]["bytes"] == path.stat().st_size
+        assert models[name]["macs"] == loaded.metadata.macs
+        assert models[name]["params"] == loaded.metadata.params
+    assert load_artifact(run_dir / "experts" / "half" / "expert.pt2").metadata.dtype == "int8"
+    # pruning really shrank the experts; MoE cost lies between the cheapest expert and the sum of all
+    assert models["half"]["macs"] < 0.5 * models["baseline"]["macs"]
+    assert models["third"]["macs"] < models["baseline"]["macs"]
+    for k in (1, 2):
+        moe = models[f"moe-k{k}"]
+        assert min(models["half"]["macs"], models["third"]["macs"]) < moe["macs"]
+        assert (
+            moe["macs"] < models["half"]["macs"] + models["third"]["macs"] + 0.5 * models["baseline"]["macs"]
+        )
+        assert moe["bytes"] >= models["half"]["bytes"] + models["third"]["bytes"]
+        assert moe["ratios"]["macs"] == pytest.approx(moe["macs"] / models["baseline"]["macs"])
+    for m in models.values():
+        assert 0.1 < m["accuracy"] <= 1.0 and m["latency_b1_ms"] > 0 and m["latency_b64_ms"] > 0
+
+
+def test_pareto_plot_is_a_valid_png(finished_run) -> None:
+    _, run_dir, _ = finished_run
+    png = (run_dir / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (1100, 450)
+
+
+def test_rerun_skips_finished_phases(finished_run) -> None:
+    config, run_dir, _ = finished_run
+    before = _done_times(run_dir)
+    result = _run(config, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished earlier, skipped") == 6
+    assert _done_times(run_dir) == before
+    assert "| moe-k1 " in result.stdout
+
+
+def test_other_config_in_the_same_run_dir_is_refused(finished_run, tmp_path) -> None:
+    _, run_dir, _ = finished_run
+    other = _write_config(tmp_path, seed=7)
+    before = _done_times(run_dir)
+    result = _run(other, run_dir)
+    assert result.returncode == 2
+    assert "holds results of a different configuration" in result.stderr and "--force" in result.stderr
+    assert _done_times(run_dir) == before
+
+
+def test_killed_run_resumes_and_completes(tmp_path) -> None:
+    config = _write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        _command(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 600
+    marker = run_dir / "experts" / "half" / "checkpoints" / "last.ckpt"
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "phase 1 never wrote a checkpoint"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    baseline_done = (run_dir / "baseline" / "done.json").stat().st_mtime
+    assert not (run_dir / "experts" / "half" / "done.json").exists()
+    result = _run(config, run_dir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "Phase 1/6: baseline — finished earlier, skipped" in result.stdout
+    assert (run_dir / "baseline" / "done.json").stat().st_mtime == baseline_done
+    assert (run_dir / "experts" / "half" / "done.json").is_file()
+    assert (run_dir / "results.json").is_file()
+
+
+def test_full_disk_during_phase_1_keeps_the_baseline(tmp_path, monkeypatch) -> None:
+    import lightning_hybridcomp.pipeline as pipeline_module
+
+    raw = json.loads(json.dumps(MINI))
+    raw.update(
+        run_dir=str(tmp_path / "run"), experts=[*MINI["experts"][1:], {**MINI["experts"][1], "name": "b"}]
+    )
+    raw["moe"] = {"top_k": [1], "max_epochs": 1}
+    config = parse_pipeline_config(raw)
+    real_save = pipeline_module.save_artifact
+
+    def full_disk(model, path, *args, **kwargs):
+        if "experts" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "save_artifact", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        Pipeline(config, say=lambda _: None).run()
+    run_dir = tmp_path / "run"
+    assert (run_dir / "baseline" / "done.json").is_file()
+    assert load_artifact(run_dir / "baseline" / "model.pt2").metadata.num_classes == 10
+    assert not (run_dir / "experts" / "third" / "done.json").exists()
+    monkeypatch.setattr(pipeline_module, "save_artifact", real_save)
+    models = Pipeline(config, say=lambda _: None).run()
+    assert {m["name"] for m in models} == {"baseline", "third", "b", "moe-k1"}
+
+
+def test_starting_checkpoint_of_another_model_is_refused(tmp_path) -> None:
+    from lightning_hybridcomp.models import ImageClassifier
+
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": ImageClassifier("resnet20", image_size=8).state_dict()}, ckpt)
+    raw = json.loads(json.dumps(MINI))
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["baseline"]["checkpoint"] = str(ckpt)
+    with pytest.raises(ValueError, match="does not match the configured model"):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None).run()
+
+
+def test_user_checkpoint_is_a_starting_point(tmp_path) -> None:
+    from lightning_hybridcomp.models import ImageClassifier
+
+    model = ImageClassifier("small_cnn", width=8, image_size=8)
+    ckpt = tmp_path / "mine.ckpt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    raw = json.loads(json.dumps(MINI))
+    raw.update(
+        run_dir=str(tmp_path / "run"), experts=MINI["experts"][1:], moe={"top_k": [1], "max_epochs": 1}
+    )
+    raw["baseline"].update(checkpoint=str(ckpt), max_epochs=0)
+    raw["experts"] = [MINI["experts"][1], {**MINI["experts"][1], "name": "b"}]
+    pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    pipeline._prepare_run_dir()
+    pipeline._run_baseline()
+    saved = torch.load(tmp_path / "run" / "baseline" / "weights.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_pipeline_folder_is_refused(tmp_path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    raw = json.loads(json.dumps(MINI))
+    raw["run_dir"] = str(tmp_path)
+    with pytest.raises(PipelineError, match="not empty and holds no pipeline run"):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None).run()
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_force_redoes_everything_but_keeps_foreign_files(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "baseline").mkdir(parents=True)
+    (run_dir / "baseline" / "done.json").write_text("{}")
+    (run_dir / "notes.txt").write_text("mine")
+    raw = json.loads(json.dumps(MINI))
+    raw["run_dir"] = str(run_dir)
+    pipeline = Pipeline(parse_pipeline_config(raw), force=True, say=lambda _: None)
+    pipeline._prepare_run_dir()
+    assert not (run_dir / "baseline").exists()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert json.loads((run_dir / "config.json").read_text())["fingerprint"] == pipeline.config.fingerprint()
+
+
+def test_unknown_callback_argument_is_refused_before_training(tmp_path) -> None:
+    raw = json.loads(json.dumps(MINI))
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["experts"][0]["pruning"] = {"ratio": 0.5}
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['ratio'\] in `experts\[0\].pruning`"):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    assert not (tmp_path / "run").exists()
