@@ -15,8 +15,8 @@ from lightning_hybridcomp.profiling import ModelProfile, profile_model
 __all__ = [
     "ArtifactMetadata",
     "LoadedArtifact",
-    "ModelProfile",
     "MoELightningModule",
+    "ModelProfile",
     "QuantizationAwareTraining",
     "StructuredPruning",
     "__version__",
