@@ -89,10 +89,11 @@ def _pipeline_main(args: list[str]) -> None:
     from lightning_hybridcomp.pipeline_config import load_pipeline_config
 
     config = load_pipeline_config(options.config, {"run_dir": options.run_dir})
+    pipeline = Pipeline(config, force=options.force)  # checks the callbacks' arguments too
     if options.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return
-    Pipeline(config, force=options.force).run()
+    pipeline.run()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -109,6 +109,7 @@ class _Phase:
     name: str
     folder: Path
     run: Callable[[], dict[str, Any]]
+    epochs: int = 0
 
 
 class Pipeline:
@@ -317,11 +318,13 @@ class Pipeline:
 
     def _run_evaluation(self) -> dict[str, Any]:
         rows = self.evaluate()
+        machine = self._machine()
         header = (
-            f"Run directory `{self.run_dir}`, configuration fingerprint `{self.config.fingerprint()}`,"
-            f" {len(self.config.experts)} experts, MoE at k = {self.config.moe.top_k}."
+            f"Measured on {machine['date']} on {machine['machine']} ({machine['threads']} torch threads);"
+            f" configuration fingerprint `{self.config.fingerprint()}`, {len(self.config.experts)} experts,"
+            f" MoE at k = {self.config.moe.top_k}, test split of {self._test_size()} images."
         )
-        write_report(self.run_dir, rows, header=header, metadata=self._machine())
+        write_report(self.run_dir, rows, header=header, metadata=machine)
         return {"models": [r.name for r in rows]}
 
     # ------------------------------------------------------------------ evaluation
@@ -331,6 +334,9 @@ class Pipeline:
         dm.setup("test")
         for batch in dm.test_dataloader():
             yield inputs_from_batch(batch), batch[1]
+
+    def _test_size(self) -> int:
+        return sum(int(y.numel()) for _, y in self._test_batches())
 
     def _accuracy(self, forward: Callable[[Tensor], Tensor]) -> float:
         correct = total = 0
@@ -401,27 +407,44 @@ class Pipeline:
     def _machine() -> dict[str, Any]:
         import platform
 
+        cpu = platform.processor() or platform.machine()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.is_file():
+            names = [
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if "model name" in line
+            ]
+            cpu = names[0] if names else cpu
         return {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}",
+            "machine": f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}",
             "threads": torch.get_num_threads(),
         }
 
     # ------------------------------------------------------------------ driver
 
     def phases(self) -> list[_Phase]:
-        phases = [_Phase("baseline", self.run_dir / "baseline", self._run_baseline)]
+        phases = [
+            _Phase("baseline", self.run_dir / "baseline", self._run_baseline, self.config.baseline.max_epochs)
+        ]
         for i, expert in enumerate(self.config.experts):
             phases.append(
                 _Phase(
                     f"expert {i + 1}/{len(self.config.experts)} '{expert.name}'",
                     self.run_dir / "experts" / expert.name,
                     functools.partial(self._run_expert, expert),
+                    expert.max_epochs,
                 )
             )
         for k in self.config.moe.top_k:
             phases.append(
-                _Phase(f"MoE top-{k}", self.run_dir / "moe" / f"k{k}", functools.partial(self._run_moe, k))
+                _Phase(
+                    f"MoE top-{k}",
+                    self.run_dir / "moe" / f"k{k}",
+                    functools.partial(self._run_moe, k),
+                    self.config.moe.max_epochs,
+                )
             )  # type: ignore[misc]
         phases.append(_Phase("evaluation", self.run_dir / "evaluation", self._run_evaluation))
         return phases
@@ -434,22 +457,23 @@ class Pipeline:
         """
         self._prepare_run_dir()
         phases = self.phases()
-        durations: list[float] = []
+        seconds = epochs = 0.0
         for number, phase in enumerate(phases, start=1):
-            done = _read_done(phase.folder)
-            if done is not None:
+            if _read_done(phase.folder) is not None:
                 self.say(f"=== Phase {number}/{len(phases)}: {phase.name} — finished earlier, skipped ===")
                 continue
-            remaining = len(phases) - number + 1
-            eta = (
-                f", about {sum(durations) / len(durations) * remaining:.0f}s left in all" if durations else ""
-            )
+            eta = ""
+            if epochs:
+                # Seconds per training epoch so far, times the training epochs still ahead.
+                left = sum(p.epochs for p in phases[number - 1 :] if _read_done(p.folder) is None)
+                eta = f", about {seconds / epochs * left:.0f}s of training left"
             self.say(f"=== Phase {number}/{len(phases)}: {phase.name}{eta} ===")
             phase.folder.mkdir(parents=True, exist_ok=True)
             start = time.monotonic()
             result = phase.run()
             elapsed = time.monotonic() - start
-            durations.append(elapsed)
+            if phase.epochs:
+                seconds, epochs = seconds + elapsed, epochs + phase.epochs
             _write_json(phase.folder / _DONE, {"phase": phase.name, "seconds": round(elapsed, 1), **result})
         results = json.loads((self.run_dir / "results.json").read_text())
         rows = [ResultRow(**{k: v for k, v in m.items() if k != "ratios"}) for m in results["models"]]

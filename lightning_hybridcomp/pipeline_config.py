@@ -106,7 +106,7 @@ class BaselineConfig:
         )
     )
     checkpoint: str | None = None
-    max_epochs: int = 8
+    max_epochs: int = 10
 
 
 @dataclass
@@ -142,7 +142,7 @@ class MoEConfig:
 
     top_k: list[int] = field(default_factory=lambda: [1, 2])
     max_epochs: int = 6
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=lambda: {"balance_coefficient": 0.05})
 
 
 @dataclass
@@ -163,16 +163,23 @@ class EvaluationConfig:
 
 
 def _default_experts() -> list[ExpertConfig]:
+    # Four differently compressed experts: different criteria, targets and seeds, each small enough that
+    # two of them together cost well under half the baseline's MACs.
     qat = {"backend": "x86_pt2e"}
+    steps = {"iterative_steps": 2, "epochs_between_steps": 2}
     return [
-        ExpertConfig("l2-50", {"pruning_ratio": 0.5, "importance": "l2", "iterative_steps": 2}, qat, seed=1),
+        ExpertConfig("l2-macs20", {"target_macs_ratio": 0.2, "importance": "l2", **steps}, qat, 8, seed=1),
+        ExpertConfig("lamp-60", {"pruning_ratio": 0.6, "importance": "lamp", **steps}, qat, 8, seed=2),
         ExpertConfig(
-            "lamp-60", {"pruning_ratio": 0.6, "importance": "lamp", "iterative_steps": 2}, qat, seed=2
+            "fpgm-macs15", {"target_macs_ratio": 0.15, "importance": "fpgm", **steps}, qat, 8, seed=3
         ),
         ExpertConfig(
-            "fpgm-40", {"pruning_ratio": 0.4, "importance": "fpgm", "iterative_steps": 2}, qat, seed=3
+            "taylor-55",
+            {"pruning_ratio": 0.55, "importance": "taylor", "start_epoch": 1, **steps},
+            qat,
+            8,
+            seed=4,
         ),
-        ExpertConfig("l1-55", {"pruning_ratio": 0.55, "importance": "l1", "iterative_steps": 2}, qat, seed=4),
     ]
 
 
@@ -196,7 +203,8 @@ class PipelineConfig:
     seed: int = 0
     data: ComponentConfig = field(
         default_factory=lambda: ComponentConfig(
-            "lightning_hybridcomp.data.DigitsDataModule", {"batch_size": 64, "image_size": 16}
+            "lightning_hybridcomp.data.DigitsDataModule",
+            {"batch_size": 64, "image_size": 16, "val_fraction": 0.15, "test_fraction": 0.3},
         )
     )
     baseline: BaselineConfig = field(default_factory=BaselineConfig)

@@ -88,11 +88,13 @@ def _plot(rows: Sequence[ResultRow], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     for ax, key, label in ((axes[0], "macs", "MACs per sample"), (axes[1], "bytes", "bytes on disk")):
         points = [(float(getattr(r, key)), 100 * r.accuracy) for r in rows]
-        for row, (x, y) in zip(rows, points):
+        for i, (row, (x, y)) in enumerate(zip(rows, points)):
             ax.scatter(
                 x, y, c=colours.get(row.kind, "grey"), marker=markers.get(row.kind, "o"), s=60, zorder=3
             )
-            ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            # Alternate label sides so that neighbours at equal accuracy stay readable.
+            offset = (5, 5 if i % 2 else -11)
+            ax.annotate(row.name, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", c="grey", lw=1, zorder=2)
         ax.set_xscale("log")

@@ -48,7 +48,23 @@ def test_unknown_backbone_is_one_clear_line(tmp_path) -> None:
 @pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_config_parses(config: Path, tmp_path) -> None:
     # --print_config parses and validates the whole file (class paths, argument names) without running.
-    result = _hybridcomp("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+    subcommand = "pipeline" if config.name.startswith("pipeline") else "fit"
+    result = _hybridcomp(subcommand, "--config", str(config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+    assert printed["data"]["class_path"]
+    model = printed["baseline"]["model"] if subcommand == "pipeline" else printed["model"]
+    assert model["class_path"] == "lightning_hybridcomp.models.ImageClassifier"
+
+
+def test_pipeline_unknown_key_is_one_clear_line(tmp_path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("experts:\n  - name: a\n    prune: {pruning_ratio: 0.5}\n")
+    result = _hybridcomp(
+        "pipeline", "--config", str(config), "--run_dir", str(tmp_path / "run"), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert (
+        "hybridcomp: error: Unknown key(s) ['prune'] in `experts[0]`. Valid keys: ['name'," in result.stderr
+    )
+    assert not (tmp_path / "run").exists()
