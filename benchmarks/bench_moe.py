@@ -26,11 +26,17 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_hybridcomp.artifacts import export_with_dynamic_batch
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning, load_pruned_model
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import ImageClassifier
 from lightning_hybridcomp.moe.module import MoELightningModule
-from lightning_hybridcomp.profiling import count_macs_and_params, measure_latency, serialized_size
+from lightning_hybridcomp.profiling import (
+    count_macs_and_params,
+    format_table,
+    measure_latency,
+    serialized_size,
+)
 
 # (pruning ratio, importance) per expert: different sizes and different views of which channels matter.
 EXPERTS = [(0.5, "l2"), (0.6, "l1"), (0.7, "fpgm"), (0.8, "lamp")]
@@ -54,8 +60,8 @@ def _accuracy(fn: Any, x: Tensor, y: Tensor) -> float:
 
 
 def _exported(model: nn.Module, example: Tensor) -> nn.Module:
-    model.eval()
-    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    # Exported as the MoE exports its experts, so that the latencies compare like with like.
+    return export_with_dynamic_batch(model.eval(), example).module()
 
 
 def _paired_latency(parts: dict[str, tuple[Any, Tensor]], repeats: int) -> dict[str, list[float]]:
@@ -64,16 +70,12 @@ def _paired_latency(parts: dict[str, tuple[Any, Tensor]], repeats: int) -> dict[
     Timing the MoE and its parts in the same round lets the overhead be taken per round (paired), which
     a shared machine's load swings disturb far less than a difference of separately measured medians.
     """
+    for fn, inputs in parts.values():
+        measure_latency(fn, inputs, warmup=5, repeats=1)
     timings: dict[str, list[float]] = {name: [] for name in parts}
-    with torch.no_grad():
-        for fn, inputs in parts.values():
-            for _ in range(5):
-                fn(inputs)
-        for _ in range(repeats):
-            for name, (fn, inputs) in parts.items():
-                start = time.perf_counter()
-                fn(inputs)
-                timings[name].append((time.perf_counter() - start) * 1e3)
+    for _ in range(repeats):
+        for name, (fn, inputs) in parts.items():
+            timings[name].append(measure_latency(fn, inputs, warmup=0, repeats=1))
     return timings
 
 
@@ -227,20 +229,23 @@ def main() -> None:
         row["macs_ratio"] = row["macs_per_sample"] / base["macs_per_sample"]
         row["accuracy_delta_pt"] = 100 * (row["accuracy"] - base["accuracy"])
 
-    header = (
-        f"{'model':<44} {'test acc':>8} {'Δ pt':>6} {'MACs/sample':>12} {'x base':>7} {'bytes':>9}"
-        f" {'ms/64':>7} {'overhead':>9}"
-    )
     print(f"\nDigits 16x16, test split n={len(y_test)} (1 image = {100 / len(y_test):.2f} pt)")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        overhead = f"{100 * row['routing_overhead_share']:.1f}%" if "routing_overhead_share" in row else "-"
-        print(
-            f"{row['model']:<44} {100 * row['accuracy']:>7.2f}% {row['accuracy_delta_pt']:>+6.2f}"
-            f" {row['macs_per_sample']:>12,.0f} {row['macs_ratio']:>7.3f} {row['bytes']:>9,}"
-            f" {row['latency_ms']:>7.2f} {overhead:>9}"
-        )
+    table = [
+        {
+            "model": row["model"],
+            "test acc": f"{100 * row['accuracy']:.2f}%",
+            "Δ pt": f"{row['accuracy_delta_pt']:+.2f}",
+            "MACs/sample": f"{row['macs_per_sample']:,.0f}",
+            "x base": f"{row['macs_ratio']:.3f}",
+            "bytes": row["bytes"],
+            "ms/64": f"{row['latency_ms']:.2f}",
+            "overhead": (
+                f"{100 * row['routing_overhead_share']:.1f}%" if "routing_overhead_share" in row else None
+            ),
+        }
+        for row in rows
+    ]
+    print(format_table(table))
     print("\nExperts (val acc / test acc / MACs / bytes):")
     for i, (ratio, importance) in enumerate(EXPERTS):
         print(

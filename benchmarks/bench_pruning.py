@@ -30,7 +30,12 @@ from torch import Tensor, nn
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import ImageClassifier
-from lightning_hybridcomp.profiling import count_macs_and_params, serialized_size
+from lightning_hybridcomp.profiling import (
+    count_macs_and_params,
+    format_table,
+    measure_latency,
+    serialized_size,
+)
 
 
 class TimedModelPruning(ModelPruning):
@@ -42,6 +47,15 @@ class TimedModelPruning(ModelPruning):
         start = time.perf_counter()
         super().apply_pruning(amount)
         self.seconds += time.perf_counter() - start
+
+
+_RATIO_COLUMNS = (
+    ("MACs", "macs"),
+    ("params", "params"),
+    ("bytes", "size_bytes"),
+    ("lat b1", "latency_ms_b1"),
+    ("lat b64", "latency_ms_b64"),
+)
 
 
 def _schedule_amounts(ratio: float, steps: int) -> list[float]:
@@ -76,16 +90,13 @@ def _train(
 
 def _interleaved_latency(models: dict[str, nn.Module], batch: Tensor, repeats: int) -> dict[str, float]:
     """Median milliseconds per forward pass, timing the models round-robin in one loop."""
+    for model in models.values():
+        measure_latency(model, batch, warmup=3, repeats=1)
     timings: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(3):
-                model(batch)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(batch)
-                timings[name].append((time.perf_counter() - start) * 1e3)
+    for _ in range(repeats):
+        for name, model in models.items():
+            # One call per model per round, so that load changes on the machine hit every model alike.
+            timings[name].append(measure_latency(model, batch, warmup=0, repeats=1))
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
@@ -175,33 +186,37 @@ def main() -> None:
 
     base = runs["unpruned"]
     for run in runs.values():
-        run["ratios"] = {
-            key: run[key] / base[key]
-            for key in ("macs", "params", "size_bytes", "latency_ms_b1", "latency_ms_b64")
-        }
+        run["ratios"] = {key: run[key] / base[key] for _, key in _RATIO_COLUMNS}
         run["accuracy_drop_points"] = 100 * (base["accuracy"] - run["accuracy"])
 
-    header = (
-        f"{'model':<18} {'test acc':>8} {'params':>9} {'non-zero':>9} {'MACs':>11} {'bytes':>9}"
-        f" {'lat b1 ms':>9} {'lat b64 ms':>10} {'prune s':>7}"
+    figures = format_table(
+        [
+            {
+                "model": name,
+                "test acc": f"{run['accuracy']:.4f}",
+                "params": run["params"],
+                "non-zero": run["nonzero_params"],
+                "MACs": run["macs"],
+                "bytes": run["size_bytes"],
+                "lat b1 ms": f"{run['latency_ms_b1']:.3f}",
+                "lat b64 ms": f"{run['latency_ms_b64']:.2f}",
+                "prune s": f"{run['pruning_seconds']:.3f}",
+            }
+            for name, run in runs.items()
+        ]
     )
-    lines = [header, "-" * len(header)]
-    for name, run in runs.items():
-        lines.append(
-            f"{name:<18} {run['accuracy']:>8.4f} {run['params']:>9,} {run['nonzero_params']:>9,} {run['macs']:>11,}"
-            f" {run['size_bytes']:>9,} {run['latency_ms_b1']:>9.3f} {run['latency_ms_b64']:>10.2f}"
-            f" {run['pruning_seconds']:>7.3f}"
-        )
-    lines.append("")
-    lines.append(
-        f"{'ratio to unpruned':<18} {'MACs':>6} {'params':>7} {'bytes':>6} {'lat b1':>7} {'lat b64':>8} {'acc drop':>9}"
+    ratios = format_table(
+        [
+            {
+                "model": name,
+                **{label: f"{run['ratios'][key]:.3f}" for label, key in _RATIO_COLUMNS},
+                "acc drop": f"{run['accuracy_drop_points']:.2f}pt",
+            }
+            for name, run in runs.items()
+        ],
+        title="ratio to unpruned",
     )
-    for name, run in runs.items():
-        r = run["ratios"]
-        lines.append(
-            f"{name:<18} {r['macs']:>6.3f} {r['params']:>7.3f} {r['size_bytes']:>6.3f} {r['latency_ms_b1']:>7.3f}"
-            f" {r['latency_ms_b64']:>8.3f} {run['accuracy_drop_points']:>8.2f}pt"
-        )
+    lines = [*figures.splitlines(), "", *ratios.splitlines()]
     print("\n".join(lines))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,17 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
+from lightning_hybridcomp.artifacts import (
+    compile_artifact,
+    export_with_dynamic_batch,
+    load_artifact,
+    save_artifact,
+)
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import ImageClassifier
-from lightning_hybridcomp.profiling import serialized_size
+from lightning_hybridcomp.profiling import format_table, measure_latency, serialized_size
 
 
 def _datamodule(args: argparse.Namespace) -> DigitsDataModule:
@@ -72,9 +77,7 @@ def _post_training_int8(fp32: nn.Module, dm: DigitsDataModule, batches: int) -> 
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     example = next(iter(dm.train_dataloader()))[0]
-    program = torch.export.export(
-        copy.deepcopy(fp32).eval(), (example[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)
-    )
+    program = export_with_dynamic_batch(copy.deepcopy(fp32).eval(), example[:2])
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(program.module(), quantizer)
@@ -103,23 +106,19 @@ def _latencies(
     models: dict[str, dict[str, nn.Module]], inputs: dict[int, Tensor], rounds: int, repeats: int
 ) -> dict:
     """Median ms per (model, mode, batch), timed in interleaved rounds."""
-    samples: dict[tuple[str, str, int], list[float]] = {}
-    with torch.no_grad():
-        for modes in models.values():  # warm-up (and compilation) first
-            for module in modes.values():
-                for x in inputs.values():
-                    for _ in range(3):
-                        module(x)
-        for _ in range(rounds):
-            for name, modes in models.items():
-                for mode, module in modes.items():
-                    for batch, x in inputs.items():
-                        for _ in range(repeats):
-                            start = time.perf_counter()
-                            module(x)
-                            samples.setdefault((name, mode, batch), []).append(
-                                (time.perf_counter() - start) * 1e3
-                            )
+    parts = {
+        (name, mode, batch): (module, x)
+        for name, modes in models.items()
+        for mode, module in modes.items()
+        for batch, x in inputs.items()
+    }
+    for module, x in parts.values():  # warm-up (and compilation) first
+        measure_latency(module, x, warmup=3, repeats=1)
+    samples: dict[tuple[str, str, int], list[float]] = {key: [] for key in parts}
+    for _ in range(rounds):
+        # Every part in every round, so that load changes on the machine hit all of them alike.
+        for key, (module, x) in parts.items():
+            samples[key].extend(measure_latency(module, x, warmup=0, repeats=1) for _ in range(repeats))
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
@@ -217,20 +216,25 @@ def main() -> None:
             }
         )
     base = runs[0]["latency_ms"]
-    header = (
-        "| model | test acc | test CE | artifact bytes | x fp32 artifact | MACs | eager b1 ms | eager b64 ms |"
-        " compiled b1 ms | compiled b64 ms | compiled b64 x fp32 |"
+    table = format_table(
+        [
+            {
+                "model": run["model"],
+                "test acc": f"{100 * run['test_accuracy']:.2f}%",
+                "test CE": f"{run['test_cross_entropy']:.4f}",
+                "artifact bytes": run["artifact_bytes"],
+                "x fp32 artifact": f"{run['artifact_ratio_to_fp32_artifact']:.3f}",
+                "MACs": run["macs"],
+                "eager b1 ms": f"{run['latency_ms']['eager_b1']:.3f}",
+                "eager b64 ms": f"{run['latency_ms']['eager_b64']:.2f}",
+                "compiled b1 ms": f"{run['latency_ms']['compiled_b1']:.3f}",
+                "compiled b64 ms": f"{run['latency_ms']['compiled_b64']:.2f}",
+                "compiled b64 x fp32": f"{run['latency_ms']['compiled_b64'] / base['compiled_b64']:.2f}",
+            }
+            for run in runs
+        ]
     )
-    lines = [header, "|" + "---|" * 11]
-    for run in runs:
-        ms = run["latency_ms"]
-        lines.append(
-            f"| {run['model']} | {100 * run['test_accuracy']:.2f}% | {run['test_cross_entropy']:.4f} |"
-            f" {run['artifact_bytes']:,} |"
-            f" {run['artifact_ratio_to_fp32_artifact']:.3f} | {run['macs']:,} | {ms['eager_b1']:.3f} |"
-            f" {ms['eager_b64']:.2f} | {ms['compiled_b1']:.3f} | {ms['compiled_b64']:.2f} |"
-            f" {ms['compiled_b64'] / base['compiled_b64']:.2f} |"
-        )
+    lines = table.splitlines()
     config = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "torch": torch.__version__,

@@ -6,8 +6,10 @@ keeping the Trainer consistent after a callback replaced parameters (optimizers,
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,25 +49,96 @@ def replace_module_(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def match_module_names(root: nn.Module, patterns: Sequence[str], *, arg_name: str) -> list[str]:
-    """Expand fully qualified names or glob patterns to the matching submodule names.
-
-    Every pattern must match at least one submodule, so that a typo cannot silently select nothing.
+    """Expand fully qualified names or glob patterns to the matching submodule names of ``root``.
 
     Raises:
         ValueError: naming the first pattern that matches nothing.
     """
     names = [n for n, _ in root.named_modules() if n]
+    return match_names(names, patterns, arg_name=arg_name, what=f"a submodule of {type(root).__name__}")
+
+
+def match_names(candidates: Sequence[str], patterns: Sequence[str], *, arg_name: str, what: str) -> list[str]:
+    """The ``candidates`` matching fully qualified names or glob patterns, in pattern order, each once.
+
+    Every pattern must match at least one candidate, so that a typo cannot silently select nothing.
+
+    Args:
+        candidates: fully qualified module names.
+        patterns: names or ``fnmatch`` patterns (case-sensitive).
+        arg_name: the user's argument the patterns come from, for the error message.
+        what: what a pattern should match, for the error message, e.g. ``"a layer of the pruned network"``.
+
+    Raises:
+        ValueError: naming the first pattern that matches nothing.
+    """
     selected: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        hits = [n for n in candidates if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise ValueError(
-                f"Expected every entry of `{arg_name}` to match a submodule of {type(root).__name__},"
-                f" but {pattern!r} matches nothing. Names look like {names[:8]}; glob patterns such as"
-                " 'features.*' are accepted."
+                f"Expected every entry of `{arg_name}` to match {what}, but {pattern!r} matches nothing. Names"
+                " are fully qualified in the LightningModule (as `named_modules()` prints them) and look like"
+                f" {list(candidates)[:6]}; glob patterns such as 'net.layer4.*' are accepted."
             )
         selected.extend(h for h in hits if h not in selected)
     return selected
+
+
+class CheckpointLoadInterceptor:
+    """Runs a callback's restore step inside ``pl_module.on_load_checkpoint``, for one run.
+
+    Lightning reads a checkpoint only after every ``setup`` ran and loads its weights right after the
+    LightningModule's ``on_load_checkpoint``, so a callback that changes the network's structure must
+    rebuild it there. :meth:`install` wraps the hook on the instance (the class is not touched);
+    :meth:`remove`, called from ``teardown``, puts the class's hook back.
+    """
+
+    def __init__(self) -> None:
+        self._installed: tuple[pl.LightningModule, Callable[[dict[str, Any]], None]] | None = None
+
+    def install(self, pl_module: pl.LightningModule, restore: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``restore(checkpoint)`` before ``pl_module``'s own ``on_load_checkpoint``; once per module."""
+        if self._installed is not None and self._installed[0] is pl_module:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            restore(checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._installed = (pl_module, on_load_checkpoint)
+
+    def remove(self) -> None:
+        """Undo :meth:`install`, unless something wrapped the hook again since."""
+        if self._installed is None:
+            return
+        pl_module, wrapper = self._installed
+        if pl_module.__dict__.get("on_load_checkpoint") is wrapper:
+            del pl_module.__dict__["on_load_checkpoint"]
+        self._installed = None
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module, mode: bool) -> Iterator[nn.Module]:
+    """Put ``module`` in train (``True``) or eval (``False``) mode for the block, then back in its own mode.
+
+    Example::
+
+        >>> net = nn.Dropout()
+        >>> with training_mode(net, False):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    was_training = module.training
+    module.train(mode)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def inputs_from_batch(batch: Any) -> Tensor:
@@ -126,6 +199,14 @@ def _forward_network(pl_module: pl.LightningModule) -> nn.Module | None:
     """The single child module of a LightningModule that only wraps one network, else ``None``."""
     children = [m for m in pl_module.children() if any(p.requires_grad for p in m.parameters())]
     return children[0] if len(children) == 1 else None
+
+
+def device_of(module: nn.Module, fallback: nn.Module | None = None) -> torch.device:
+    """The device of ``module``'s first parameter or buffer, else ``fallback.device``, else the CPU."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    device = getattr(fallback, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -27,22 +27,24 @@ __all__ = ["ArtifactMetadata", "LoadedArtifact", "compile_artifact", "load_artif
 
 FORMAT_VERSION = 1
 _METADATA_FILE = "hybridcomp.json"
-# What torch.export.save writes, relative to the archive's root folder. Anything else (pickled custom
-# objects, legacy pickled weights, AOTInductor binaries) is refused by the loader.
-_ALLOWED_MEMBERS = {
-    "archive_format",
-    "archive_version",
-    "byteorder",
-    ".data/version",
-    ".data/serialization_id",
-    "models/model.json",
-    "data/weights/model_weights_config.json",
-    "data/constants/model_constants_config.json",
-    "data/sample_inputs/model.pt",
-    f"extra/{_METADATA_FILE}",
-}
+# What torch.export.save writes, relative to the archive's root folder (plus the caller's metadata file).
+# Anything else (pickled custom objects, legacy pickled weights, AOTInductor binaries) is refused.
+_ALLOWED_MEMBERS = frozenset(
+    {
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+    }
+)
 _ALLOWED_MEMBER_PREFIXES = ("data/weights/weight_", "data/constants/tensor_")
-_SAFE_TARGET_PREFIXES = ("torch.ops.", "_operator.", "math.")
+# Operators and the symbolic-shape functions torch.export itself serializes (torch.sym_int, sym_max, ...).
+_SAFE_TARGET_PREFIXES = ("torch.ops.", "_operator.", "math.", "torch.sym_")
 _INT_DTYPES = (torch.int8, torch.uint8)
 _BN_OPS = {"batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training"}
 _TRAINING_ARG = {
@@ -249,16 +251,15 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
         >>> art.metadata.num_classes, art.metadata.params, art.module(torch.randn(7, 3)).shape
         (2, 8, torch.Size([7, 2]))
     """
-    _import_quantized_ops()
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"Expected `path` to be an artifact file, but {str(file)!r} does not exist.")
     data = file.read_bytes()
-    metadata = _validate_archive(data, file)
-    try:
-        program = torch.export.load(io.BytesIO(data))
-    except Exception as err:  # torch raises many types here; the user needs the path and the reason
-        raise ValueError(f"Could not load the artifact {str(file)!r}: {type(err).__name__}: {err}") from err
+    where = repr(str(file))
+    text = _check_program_bytes(data, where, kind="artifact", metadata_file=_METADATA_FILE)
+    assert text is not None  # for mypy: the check refuses an archive without the metadata file
+    metadata = _read_metadata(text, where)
+    program = _load_checked_program(data, f"the artifact {where}")
     module = program.module()
     make_exported_train_eval_(module)
     module.eval()
@@ -334,8 +335,15 @@ def export_for_artifact(model: nn.Module, example_inputs: Tensor) -> torch.expor
         return export_with_dynamic_batch(model, example_inputs)
 
 
-def export_with_dynamic_batch(model: nn.Module, example_inputs: Tensor) -> torch.export.ExportedProgram:
+def export_with_dynamic_batch(
+    model: nn.Module, example_inputs: Tensor, *, name: str | None = None
+) -> torch.export.ExportedProgram:
     """``torch.export.export`` with dimension 0 dynamic; a one-sample example is repeated to two.
+
+    Args:
+        model: the network, exported in the mode it is in.
+        example_inputs: one batch of inputs.
+        name: how error messages call the model; its class name by default.
 
     Raises:
         ValueError: with torch.export's reason and a hint when the model cannot be exported.
@@ -349,14 +357,14 @@ def export_with_dynamic_batch(model: nn.Module, example_inputs: Tensor) -> torch
     except Exception as err:  # export raises UserError, Unsupported, GuardOnDataDependent, ...
         reason = str(err).strip().splitlines()
         raise ValueError(
-            f"Could not export {type(model).__name__} with `torch.export` on inputs of shape"
+            f"Could not export {name or type(model).__name__} with `torch.export` on inputs of shape"
             f" {tuple(example_inputs.shape)}: {type(err).__name__}: {' '.join(reason[:6])[:1500]}. Hint: the"
             " network's forward must take one tensor, avoid data-dependent Python control flow and not"
             " specialise on the batch size (e.g. `x.view(x.size(0), -1)` is fine, `x.view(64, -1)` is not)."
         ) from err
 
 
-def make_exported_train_eval_(module: nn.Module) -> nn.Module:
+def make_exported_train_eval_(module: nn.Module, *, keep_eval_semantics: bool = False) -> nn.Module:
     """Let ``.train()``/``.eval()`` work on an exported module by switching batch-norm and dropout ops.
 
     Unlike ``torchao``'s ``allow_exported_model_train_eval`` this edits the ``training`` argument of the
@@ -365,16 +373,23 @@ def make_exported_train_eval_(module: nn.Module) -> nn.Module:
     ``module.training`` directly. The sync wraps ``forward`` rather than using a forward pre-hook: a
     pre-hook runs after ``nn.Module`` fetched the old ``forward``, so the first call after a mode change
     would still run the previous graph (a training batch with eval-mode BatchNorm).
+
+    Args:
+        module: an exported module; anything else is returned unchanged.
+        keep_eval_semantics: run the graph with eval semantics (BatchNorm on running statistics, no
+            dropout) in both modes, so that ``.train()``/``.eval()`` only move the ``training`` flag. For
+            frozen graphs inside a model that trains, such as the experts of a Mixture of Experts.
     """
     if not isinstance(module, GraphModule):
         return module
     # (Re)bound to this very module: a copy made by a graph pass may carry methods bound to the original.
     module.__dict__.setdefault("_hybridcomp_frozen_bn", False)
+    module.__dict__["_hybridcomp_eval_only"] = keep_eval_semantics
     module.__dict__.pop("_hybridcomp_graph_mode", None)
     module.train = types.MethodType(_exported_train, module)  # type: ignore[method-assign]
     module.eval = types.MethodType(_exported_eval, module)  # type: ignore[method-assign]
     module.forward = types.MethodType(_mode_synced_forward, module)  # type: ignore[method-assign]
-    graph_training = _graph_training_flag(module)
+    graph_training = None if keep_eval_semantics else _graph_training_flag(module)
     module.training = graph_training if graph_training is not None else module.training
     return module
 
@@ -403,6 +418,41 @@ def strip_unused_attributes_(module: GraphModule) -> int:
             delattr(owner, attr)
             removed += tensor.numel()
     return removed
+
+
+def serialize_program(
+    program: torch.export.ExportedProgram, *, extra_files: Mapping[str, str] | None = None
+) -> bytes:
+    """``torch.export.save`` to bytes, leaving out the example inputs; ``program`` is not changed.
+
+    Example inputs are stored as a pickle, which :func:`load_program_bytes` refuses: ``torch.export.load``
+    may open it with ``weights_only=False``.
+    """
+    if program.example_inputs is not None:
+        program = copy.copy(program)
+        program.example_inputs = None  # type: ignore[assignment]
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files=dict(extra_files) if extra_files else None)
+    return buffer.getvalue()
+
+
+def load_program_bytes(data: bytes, where: str) -> torch.export.ExportedProgram:
+    """Deserialize a program written by :func:`serialize_program`, after checking nothing in it is a pickle.
+
+    Only raw tensor payloads, JSON, the archive's bookkeeping files and graphs that call registered
+    operators are accepted, so nothing is unpickled (``torch.export.load`` may fall back to
+    ``weights_only=False``).
+
+    Args:
+        data: the serialized program.
+        where: what the bytes are, for error messages, e.g. ``"the stored program of experts[0] (TinyCNN)"``.
+
+    Raises:
+        ValueError: naming ``where`` if the bytes are not a readable program or hold pickled objects,
+            unexpected files or calls of non-operator functions.
+    """
+    _check_program_bytes(data, where, kind="exported program")
+    return _load_checked_program(data, where)
 
 
 def count_program_macs(program: torch.export.ExportedProgram | nn.Module, sample: Tensor) -> int:
@@ -466,13 +516,15 @@ def _graph_training_flag(module: GraphModule) -> bool | None:
 
 
 def _apply_exported_mode_(module: GraphModule, training: bool) -> None:
+    # A graph kept at eval semantics stays there in train mode too: only its `training` flag follows.
+    graph_training = training and not module.__dict__.get("_hybridcomp_eval_only", False)
     frozen_bn = getattr(module, "_hybridcomp_frozen_bn", False)
-    if module.__dict__.get("_hybridcomp_graph_mode") == (training, frozen_bn):
+    if module.__dict__.get("_hybridcomp_graph_mode") == (graph_training, frozen_bn):
         return
-    module._hybridcomp_graph_mode = (training, frozen_bn)  # type: ignore[assignment]
+    module._hybridcomp_graph_mode = (graph_training, frozen_bn)  # type: ignore[assignment]
     changed = False
     for node, index, is_bn in _mode_nodes(module):
-        value = training and not (is_bn and frozen_bn)
+        value = graph_training and not (is_bn and frozen_bn)
         if node.args[index] != value:
             args = list(node.args)
             args[index] = value
@@ -568,50 +620,59 @@ def _strip_node_metadata_(program: torch.export.ExportedProgram) -> None:
 
 
 def _serialize(program: torch.export.ExportedProgram, metadata: ArtifactMetadata) -> bytes:
-    raw = io.BytesIO()
-    torch.export.save(program, raw, extra_files={_METADATA_FILE: metadata.to_json()})
+    raw = serialize_program(program, extra_files={_METADATA_FILE: metadata.to_json()})
     # Recompress the JSON members (the graph description is ~10x smaller deflated); tensors stay stored.
-    raw.seek(0)
     out = io.BytesIO()
-    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w") as dst:
+    with zipfile.ZipFile(io.BytesIO(raw)) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
             compress = zipfile.ZIP_DEFLATED if info.filename.endswith(".json") else zipfile.ZIP_STORED
             dst.writestr(info.filename, src.read(info.filename), compress_type=compress)
     return out.getvalue()
 
 
-def _validate_archive(data: bytes, file: Path) -> ArtifactMetadata:
-    where = repr(str(file))
+def _check_program_bytes(
+    data: bytes, where: str, *, kind: str, metadata_file: str | None = None
+) -> str | None:
+    """Refuse serialized programs that ``torch.export.load`` would unpickle, or that are not programs.
+
+    Checked before anything is deserialized. With ``metadata_file`` (a file saved as ``extra_files``) that
+    file is required, and its text is returned.
+
+    Raises:
+        ValueError: naming ``where``; ``kind`` is the noun for such data (``"artifact"``).
+    """
+    subject = where[:1].upper() + where[1:]
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise ValueError(
-            f"{where} is not a lightning_hybridcomp artifact: not a readable archive ({err}); the file may be"
+            f"{subject} is not a lightning_hybridcomp {kind}: not a readable archive ({err}); it may be"
             " truncated or corrupt."
         ) from err
+    allowed = _ALLOWED_MEMBERS | ({f"extra/{metadata_file}"} if metadata_file else set())
     with archive:
         roots = {n.split("/", 1)[0] for n in names}
         if len(roots) != 1:
-            raise ValueError(f"{where} is not a lightning_hybridcomp artifact: unexpected archive layout.")
+            raise ValueError(f"{subject} is not a lightning_hybridcomp {kind}: unexpected archive layout.")
         root = roots.pop() + "/"
         members = {n[len(root) :] for n in names}
-        if f"extra/{_METADATA_FILE}" not in members:
+        if metadata_file and f"extra/{metadata_file}" not in members:
             raise ValueError(
-                f"{where} is not a lightning_hybridcomp artifact (no {_METADATA_FILE} inside). Artifacts are"
+                f"{subject} is not a lightning_hybridcomp {kind} (no {metadata_file} inside). Artifacts are"
                 " written by `lightning_hybridcomp.artifacts.save_artifact`; a Lightning checkpoint or a"
                 " `torch.save` file is a different format."
             )
         unexpected = sorted(
-            m for m in members if m not in _ALLOWED_MEMBERS and not m.startswith(_ALLOWED_MEMBER_PREFIXES)
+            m for m in members if m not in allowed and not m.startswith(_ALLOWED_MEMBER_PREFIXES)
         )
         if unexpected:
             raise ValueError(
-                f"Refusing to load {where}: it contains members an artifact never has ({unexpected[:5]}),"
+                f"Refusing to load {where}: it contains members an {kind} never has ({unexpected[:5]}),"
                 " e.g. pickled objects or compiled binaries."
             )
         try:
-            metadata = ArtifactMetadata.from_json(archive.read(f"{root}extra/{_METADATA_FILE}").decode())
+            metadata = archive.read(f"{root}extra/{metadata_file}").decode() if metadata_file else None
             configs = [
                 json.loads(archive.read(root + name)).get("config", {})
                 for name in (
@@ -625,7 +686,7 @@ def _validate_archive(data: bytes, file: Path) -> ArtifactMetadata:
             graph = json.loads(archive.read(root + "models/model.json"))
         except (KeyError, ValueError, zipfile.BadZipFile, OSError, EOFError, TypeError) as err:
             raise ValueError(
-                f"{where} is a corrupt or truncated artifact: {type(err).__name__}: {err}"
+                f"{subject} is a corrupt or truncated {kind}: {type(err).__name__}: {err}"
             ) from err
     pickled = [
         fqn for config in configs for fqn, payload in config.items() if payload.get("use_pickle", False)
@@ -633,16 +694,33 @@ def _validate_archive(data: bytes, file: Path) -> ArtifactMetadata:
     if pickled or pickled_inputs:
         raise ValueError(
             f"Refusing to load {where}: it stores pickled objects ({pickled[:3] or 'example inputs'}), which"
-            " save_artifact never writes."
+            " lightning_hybridcomp never writes."
         )
+    unsafe = sorted({t for t in _graph_targets(graph) if not t.startswith(_SAFE_TARGET_PREFIXES)})
+    if unsafe:
+        raise ValueError(f"Refusing to load {where}: its graph calls non-operator functions {unsafe[:5]}.")
+    return metadata
+
+
+def _load_checked_program(data: bytes, where: str) -> torch.export.ExportedProgram:
+    """``torch.export.load`` of bytes :func:`_check_program_bytes` accepted."""
+    _import_quantized_ops()
+    try:
+        return torch.export.load(io.BytesIO(data))
+    except Exception as err:  # torch raises many types here; the user needs to know what and why
+        raise ValueError(f"Could not load {where}: {type(err).__name__}: {err}") from err
+
+
+def _read_metadata(text: str, where: str) -> ArtifactMetadata:
+    try:
+        metadata = ArtifactMetadata.from_json(text)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{where} is a corrupt or truncated artifact: {type(err).__name__}: {err}") from err
     if metadata.format_version > FORMAT_VERSION:
         raise ValueError(
             f"{where} has artifact format {metadata.format_version}; this version of lightning_hybridcomp reads"
             f" up to {FORMAT_VERSION}. Upgrade the package."
         )
-    unsafe = sorted({t for t in _graph_targets(graph) if not t.startswith(_SAFE_TARGET_PREFIXES)})
-    if unsafe:
-        raise ValueError(f"Refusing to load {where}: its graph calls non-operator functions {unsafe[:5]}.")
     return metadata
 
 
@@ -659,8 +737,9 @@ def _graph_targets(obj: Any) -> Iterator[str]:
 
 
 def _import_quantized_ops() -> None:
-    # Registers torchao's quantized ops for deserialization and the x86 int8 inductor lowerings;
-    # without the latter, compile silently runs fp32 convolutions.
+    # Registers torchao's quantized ops for deserialization (int8 PT2E programs call its quantize and
+    # dequantize ops) and the x86 int8 inductor lowerings; without the latter, compile silently runs fp32
+    # convolutions.
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
 

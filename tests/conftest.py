@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+from tests._helpers import FAST_TRAINER_FLAGS
+
 # One intra-op thread: on 2 shared cores more threads are slower for tiny models, and DDP workers
 # would oversubscribe.
 torch.set_num_threads(1)
@@ -21,13 +23,5 @@ def _quiet_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def trainer_kwargs(tmp_path) -> dict:
-    """Fast Trainer flags for tests."""
-    return {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "default_root_dir": str(tmp_path),
-    }
+    """Fast Trainer flags for tests, writing under ``tmp_path``."""
+    return {**FAST_TRAINER_FLAGS, "default_root_dir": str(tmp_path)}

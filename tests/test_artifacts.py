@@ -26,12 +26,9 @@ from lightning_hybridcomp.artifacts import (
 )
 from lightning_hybridcomp.models import build_backbone
 from lightning_hybridcomp.profiling import serialized_size
+from tests._helpers import relative_distance
 
 SHAPE = (1, 8, 8)
-
-
-def _relative_distance(a: Tensor, b: Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +179,7 @@ def test_compiled_int8_artifact_matches_eager(models: SimpleNamespace) -> None:
     out = compiled(models.x)
     assert not out.requires_grad and compiled(models.x[:5]).shape == (5, 10)  # a new batch size recompiles
     # Inductor's int8 kernels round slightly differently from the reference q/dq ops.
-    assert _relative_distance(out, models.int8_out) < 0.02
+    assert relative_distance(out, models.int8_out) < 0.02
     assert float((out.argmax(1) == models.int8_out.argmax(1)).float().mean()) >= 0.9
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -142,25 +141,6 @@ def example_from_spec(shape: Sequence[int], dtype: str, device: torch.device) ->
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"Expected a torch dtype name such as 'torch.float32', got {dtype!r}.")
     return torch.zeros(*shape, dtype=torch_dtype, device=device)
-
-
-def match_names(candidates: Sequence[str], patterns: Sequence[str], *, arg_name: str) -> list[str]:
-    """The ``candidates`` matching fully qualified names or glob patterns; every pattern must match one.
-
-    Raises:
-        ValueError: naming the first pattern that matches nothing.
-    """
-    selected: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in candidates if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(
-                f"Expected every entry of `{arg_name}` to match a layer of the pruned network, but {pattern!r}"
-                " matches nothing. Names are fully qualified in the LightningModule (as `named_modules()` prints"
-                f" them) and look like {list(candidates)[:6]}; glob patterns such as 'net.layer4.*' are accepted."
-            )
-        selected.extend(h for h in hits if h not in selected)
-    return selected
 
 
 def apply_structure_(network: nn.Module, history: Sequence[Sequence[Any]], example_inputs: Tensor) -> int:

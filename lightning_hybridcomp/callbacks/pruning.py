@@ -20,9 +20,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_hybridcomp._lightning import (
+    CheckpointLoadInterceptor,
     TrainingStateSnapshot,
     _forward_network,
+    device_of,
     inputs_from_batch,
+    match_names,
     resolve_module,
 )
 from lightning_hybridcomp.callbacks._pruning_utils import (
@@ -37,7 +40,6 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
     eager_mode,
     example_from_spec,
     make_importance,
-    match_names,
     output_layers,
     plain_records,
     preserved_modes,
@@ -276,7 +278,7 @@ class StructuredPruning(Callback):
         self._ignored_names: list[str] = []
         self._pruner: tp.pruner.BasePruner | None = None
         self._agreement: AgreedImportance | None = None
-        self._interceptor: tuple[pl.LightningModule, Any] | None = None
+        self._interceptor = CheckpointLoadInterceptor()
         self._logged_epoch = -1
 
     # ------------------------------------------------------------------ public read-only state
@@ -320,7 +322,9 @@ class StructuredPruning(Callback):
         self._check_trainer(trainer, stage)
         network = self._resolve_network(pl_module)
         candidates = self._names_inside(pl_module, network)
-        self._ignored_names = match_names(candidates, self.ignored_layers, arg_name="ignored_layers")
+        self._ignored_names = match_names(
+            candidates, self.ignored_layers, arg_name="ignored_layers", what="a layer of the pruned network"
+        )
         self._schedule = [
             self.start_epoch + i * self.epochs_between_steps for i in range(self.iterative_steps)
         ]
@@ -394,11 +398,7 @@ class StructuredPruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._interceptor is not None:
-            module, wrapper = self._interceptor
-            if module.__dict__.get("on_load_checkpoint") is wrapper:
-                del module.__dict__["on_load_checkpoint"]
-            self._interceptor = None
+        self._interceptor.remove()
         self._release_pruner()
 
     @override
@@ -468,7 +468,9 @@ class StructuredPruning(Callback):
                 was pruned on another submodule than ``network``.
         """
         if checkpoint is None:
-            self._install_interceptor(trainer, pl_module)
+            self._interceptor.install(
+                pl_module, lambda loaded: self.restore_structure_(trainer, pl_module, loaded)
+            )
             return
         state = _find_pruning_state(checkpoint)
         if state is None or not state.get("history"):
@@ -481,7 +483,7 @@ class StructuredPruning(Callback):
                 f" Set `network={saved_name!r}`."
             )
         example = example_from_spec(
-            state["example_input_shape"], state["example_input_dtype"], _device_of(network)
+            state["example_input_shape"], state["example_input_dtype"], device_of(network)
         )
         applied = apply_structure_(network, state["history"], example)
         if applied:
@@ -489,18 +491,6 @@ class StructuredPruning(Callback):
                 f"StructuredPruning: restored the pruned structure ({applied} records, step"
                 f" {state.get('steps_done', '?')}) before loading the checkpoint weights."
             )
-
-    def _install_interceptor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._interceptor is not None and self._interceptor[0] is pl_module:
-            return
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            self.restore_structure_(trainer, pl_module, checkpoint)
-            original(checkpoint)
-
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-        self._interceptor = (pl_module, on_load_checkpoint)
 
     # ------------------------------------------------------------------ setup checks
 
@@ -575,7 +565,7 @@ class StructuredPruning(Callback):
 
     def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor | None:
         """Explicit shape, then the shape recorded in a checkpoint, ``example_input_array``, a training batch."""
-        device = _device_of(network)
+        device = device_of(network)
         example: Tensor | None = None
         if self.example_input_shape is not None:
             example = torch.randn(*self.example_input_shape, device=device)
@@ -871,11 +861,6 @@ class StructuredPruning(Callback):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _find_pruning_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     callbacks = checkpoint.get("callbacks") or {}
     for key, value in callbacks.items():
@@ -946,7 +931,7 @@ def load_pruned_model(
     if history:
         network = unwrap_compiled(resolve_module(model, state.get("network", ""), arg_name="network"))
         example = example_from_spec(
-            state["example_input_shape"], state["example_input_dtype"], _device_of(network)
+            state["example_input_shape"], state["example_input_dtype"], device_of(network)
         )
         apply_structure_(network, history, example)
     model.load_state_dict(checkpoint["state_dict"])

@@ -22,21 +22,26 @@ from torch.fx import GraphModule
 from typing_extensions import override
 
 from lightning_hybridcomp._lightning import (
+    CheckpointLoadInterceptor,
     TrainingStateSnapshot,
     _forward_network,
+    device_of,
     inputs_from_batch,
     replace_module_,
     resolve_module,
+    training_mode,
 )
 from lightning_hybridcomp.artifacts import (
     ArtifactMetadata,
     _build_artifact,
+    count_program_macs,
     export_with_dynamic_batch,
     make_exported_train_eval_,
     save_artifact,
     set_exported_bn_frozen_,
     strip_unused_attributes_,
 )
+from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -45,7 +50,6 @@ _STAGES = ("float", "fake_quant", "converted")
 _BACKENDS = ("x86_pt2e", "linear_int8")
 _LEGACY_BACKENDS = ("fbgemm", "qnnpack", "x86", "onednn", "eager", "fx")
 _HOST_NAME = "qat_network"
-_PRUNING_HISTORY_ATTR = "_hybridcomp_pruning_history"  # set by StructuredPruning on the network it pruned
 
 
 class QuantizationAwareTraining(Callback):
@@ -205,7 +209,7 @@ class QuantizationAwareTraining(Callback):
         self._costs: dict[str, int] = {}
         self._summary: ArtifactMetadata | None = None
         self._wait_reported = False
-        self._interceptor: tuple[pl.LightningModule, Callable[[dict[str, Any]], None]] | None = None
+        self._interceptor = CheckpointLoadInterceptor()
         self._error_hook: Any = None
         self._captured: list[tuple[Tensor, Tensor]] = []
 
@@ -277,7 +281,9 @@ class QuantizationAwareTraining(Callback):
             self._check_schedule(trainer)
         # Lightning reads a checkpoint only after every setup and loads its weights right after the
         # LightningModule's `on_load_checkpoint`; the structure the weights need is built there.
-        self._install_interceptor(trainer, pl_module)
+        self._interceptor.install(
+            pl_module, lambda checkpoint: self._restore_from_(trainer, pl_module, checkpoint)
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -391,11 +397,7 @@ class QuantizationAwareTraining(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_error_hook()
-        if self._interceptor is not None:
-            owner, wrapper = self._interceptor
-            if owner.__dict__.get("on_load_checkpoint") is wrapper:
-                del owner.__dict__["on_load_checkpoint"]
-            self._interceptor = None
+        self._interceptor.remove()
 
     @override
     def on_save_checkpoint(
@@ -555,18 +557,6 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _install_interceptor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._interceptor is not None and self._interceptor[0] is pl_module:
-            return
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            self._restore_from_(trainer, pl_module, checkpoint)
-            original(checkpoint)
-
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-        self._interceptor = (pl_module, on_load_checkpoint)
-
     def _restore_from_(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -602,7 +592,7 @@ class QuantizationAwareTraining(Callback):
             raise RuntimeError("The checkpoint's QAT state has no example input shape; it cannot be rebuilt.")
         network = self._current_network(pl_module)
         dtype = state.get("example_input_dtype") or "torch.float32"
-        example = _make_example(shape, dtype, _device_of(network, pl_module))
+        example = _make_example(shape, dtype, device_of(network, pl_module))
         self._prepare_(pl_module, network, example)
         self.load_state_dict(dict(state))
         if target == "converted":
@@ -639,10 +629,10 @@ class QuantizationAwareTraining(Callback):
         return resolve_module(pl_module, name, arg_name="module")
 
     def _host(self, pl_module: pl.LightningModule, new: nn.Module) -> None:
-        history = getattr(self._float_network, _PRUNING_HISTORY_ATTR, None)
+        history = getattr(self._float_network, APPLIED_HISTORY_ATTR, None)
         if history is not None and new is not self._float_network:
             # StructuredPruning recognises its network by this record; the traced copy must carry it too.
-            object.__setattr__(new, _PRUNING_HISTORY_ATTR, history)
+            object.__setattr__(new, APPLIED_HISTORY_ATTR, history)
         if not self._network_name:
             if new is not pl_module:
                 pl_module.add_module(_HOST_NAME, new)
@@ -678,7 +668,7 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ inputs and checks
 
     def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor:
-        device = _device_of(network, pl_module)
+        device = device_of(network, pl_module)
         if self.example_input_shape is not None:
             return torch.randn(*self.example_input_shape, device=device)
         if self._example_shape is not None:
@@ -695,7 +685,7 @@ class QuantizationAwareTraining(Callback):
     def _random_example(self, network: nn.Module) -> Tensor:
         if not self._example_shape:
             raise RuntimeError("QuantizationAwareTraining does not know the network's input shape yet.")
-        return _make_example(self._example_shape, self._example_dtype, _device_of(network, self._pl_module))
+        return _make_example(self._example_shape, self._example_dtype, device_of(network, self._pl_module))
 
     def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
         whole = not self._network_name or network is _forward_network(pl_module) or self._stage != "float"
@@ -836,12 +826,9 @@ class _PT2EBackend(_Backend):
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-        was_training = network.training
-        network.train()  # QAT traces the training-mode graph (BatchNorm with batch statistics)
-        try:
+        # QAT traces the training-mode graph (BatchNorm with batch statistics).
+        with training_mode(network, True):
             program = export_with_dynamic_batch(network, example)
-        finally:
-            network.train(was_training)
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
         prepared = prepare_qat_pt2e(program.module(), quantizer)
@@ -892,12 +879,8 @@ class _PT2EBackend(_Backend):
         # The prepared graph shares the float network's parameters and BN buffers, so this is the same model
         # without fake quantization.
         if float_network is None or float_network is pl_module:
-            was_training = pl_module.training
-            pl_module.eval()
-            try:
+            with training_mode(pl_module, False):
                 return type(pl_module).forward(pl_module, inputs)
-            finally:
-                pl_module.train(was_training)
         float_network.eval()
         return float_network(inputs)
 
@@ -1182,24 +1165,9 @@ def _make_example(shape: list[int], dtype: str, device: torch.device) -> Tensor:
     return torch.zeros(*shape, device=device, dtype=torch_dtype)
 
 
-def _device_of(network: nn.Module, fallback: nn.Module | None = None) -> torch.device:
-    for param in network.parameters():
-        return param.device
-    for buffer in network.buffers():
-        return buffer.device
-    device = getattr(fallback, "device", None)
-    return device if isinstance(device, torch.device) else torch.device("cpu")
-
-
 def _costs(network: nn.Module, sample: Tensor) -> dict[str, int]:
-    from lightning_hybridcomp.artifacts import count_program_macs
-
-    was_training = network.training
-    network.eval()
-    try:
+    with training_mode(network, False):
         macs = count_program_macs(network, sample)
-    finally:
-        network.train(was_training)
     params = sum(p.numel() for p in network.parameters())
     return {"macs": macs, "params": params}
 

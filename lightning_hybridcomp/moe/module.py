@@ -6,15 +6,9 @@ construction, so a trained MoE checkpoint reloads with :func:`load_moe` without 
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import importlib
-import io
-import json
 import math
 import os
-import types
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +22,17 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 from typing_extensions import override
 
-from lightning_hybridcomp._lightning import inputs_from_batch
-from lightning_hybridcomp.artifacts import compile_artifact, count_program_macs, load_artifact
+from lightning_hybridcomp._lightning import inputs_from_batch, training_mode
+from lightning_hybridcomp.artifacts import (
+    _program_params_and_dtype,
+    compile_artifact,
+    count_program_macs,
+    export_with_dynamic_batch,
+    load_artifact,
+    load_program_bytes,
+    make_exported_train_eval_,
+    serialize_program,
+)
 from lightning_hybridcomp.moe.gate import (
     GateNetwork,
     TopKGating,
@@ -53,18 +56,6 @@ _GATE_OPTIONS = (
     "'cnn' (tiny CNN on the input), 'expert:<index>' (penultimate features of that expert) or an nn.Module"
 )
 _LOG_EPS = 1e-12
-_ARCHIVE_MEMBERS = {
-    "archive_format",
-    "archive_version",
-    "byteorder",
-    ".data/version",
-    ".data/serialization_id",
-    "models/model.json",
-    "data/weights/model_weights_config.json",
-    "data/constants/model_constants_config.json",
-    "data/sample_inputs/model.pt",
-}
-_ARCHIVE_PREFIXES = ("data/weights/weight_", "data/constants/tensor_", "extra/")
 
 
 class DispatchResult(NamedTuple):
@@ -110,77 +101,14 @@ class _RawExpert:
     quantized: bool = False
 
 
-def _flag_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    # Exported graphs have fixed (eval) semantics; only the flag follows the parent.
-    self.training = mode
-    return self
+def _stored_program(data: bytes, name: str) -> ExportedProgram:
+    """Deserialize a program the MoE stored, refusing pickles: checkpoints are read with ``weights_only=True``."""
+    return load_program_bytes(data, f"the stored program of {name}")
 
 
-def _flag_only_eval(self: nn.Module) -> nn.Module:
-    return _flag_only_train(self, False)
-
-
-def _allow_mode_switch_(module: nn.Module) -> nn.Module:
-    """Let Lightning call ``.train()``/``.eval()`` on an exported graph (which raises by default)."""
-    module.train = types.MethodType(_flag_only_train, module)  # type: ignore[method-assign]
-    module.eval = types.MethodType(_flag_only_eval, module)  # type: ignore[method-assign]
-    return module
-
-
-def _serialize_program(program: ExportedProgram) -> bytes:
-    # Without example inputs: torch.export.load would unpickle them (with weights_only=False as fallback).
-    program = copy.copy(program)
-    program.example_inputs = None  # type: ignore[assignment]
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
-
-
-def _check_program_archive(data: bytes, name: str) -> None:
-    """Refuse serialized programs that ``torch.export.load`` would unpickle (it may use ``weights_only=False``).
-
-    A MoE checkpoint is read with ``torch.load(weights_only=True)``; the expert programs inside it must not
-    reopen the door: only raw tensor payloads, JSON and the archive's bookkeeping files are accepted.
-    """
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = archive.namelist()
-            roots = {n.split("/", 1)[0] for n in names}
-            root = (roots.pop() + "/") if len(roots) == 1 else ""
-            members = {n[len(root) :]: n for n in names}
-            unexpected = sorted(
-                m for m in members if m not in _ARCHIVE_MEMBERS and not m.startswith(_ARCHIVE_PREFIXES)
-            )
-            configs = [
-                json.loads(archive.read(members[m])).get("config", {})
-                for m in (
-                    "data/weights/model_weights_config.json",
-                    "data/constants/model_constants_config.json",
-                )
-                if m in members
-            ]
-            sample = members.get("data/sample_inputs/model.pt")
-            pickled_inputs = sample is not None and len(archive.read(sample)) > 0
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"The stored program of {name} is not a readable torch.export archive: {err}"
-        ) from err
-    pickled = [fqn for config in configs for fqn, entry in config.items() if entry.get("use_pickle", False)]
-    if not root or unexpected or pickled or pickled_inputs:
-        raise ValueError(
-            f"Refusing to load the stored program of {name}: it holds pickled objects or unexpected files"
-            f" ({(unexpected + pickled)[:5] or 'example inputs'}), which MoELightningModule never writes."
-        )
-
-
-def _deserialize_program(data: bytes, name: str) -> ExportedProgram:
-    _check_program_archive(data, name)
-    try:
-        return torch.export.load(io.BytesIO(data))
-    except Exception:
-        # int8 PT2E programs reference torchao's quantize/dequantize ops, registered on import.
-        importlib.import_module("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
-        return torch.export.load(io.BytesIO(data))
+def _frozen_graph(program: ExportedProgram) -> nn.Module:
+    """The program as a module that Lightning may switch to train mode; its graph keeps eval semantics."""
+    return make_exported_train_eval_(program.module(), keep_eval_semantics=True)
 
 
 def _bytes_to_tensor(data: bytes) -> Tensor:
@@ -209,23 +137,6 @@ def _fingerprint(program: ExportedProgram) -> str:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def _export_module(module: nn.Module, example: Tensor, name: str) -> ExportedProgram:
-    """Export ``module`` in eval mode with a dynamic batch dimension (its mode is left as it was)."""
-    was_training = module.training
-    module.eval()
-    try:
-        return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-    except Exception as err:
-        raise ValueError(
-            f"Could not export {name} with `torch.export` (dynamic batch dimension) on an input of shape"
-            f" {tuple(example.shape)}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}."
-            " Experts must be traceable classifiers (no data-dependent Python control flow); export it yourself"
-            " and pass the ExportedProgram, or fix the control flow."
-        ) from err
-    finally:
-        module.train(was_training)
 
 
 def _load_pt2(path: Path, name: str) -> _RawExpert:
@@ -620,8 +531,8 @@ class MoELightningModule(pl.LightningModule):
             self._gate_macs = self._count_gate_macs(gate, example[:1])
             self._gate_data = self._try_export_gate(gate, example)
         elif gate_expert is not None:
-            features_module = _allow_mode_switch_(
-                _deserialize_program(self._expert_data[gate_expert], self._expert_names[gate_expert]).module()
+            features_module = _frozen_graph(
+                _stored_program(self._expert_data[gate_expert], self._expert_names[gate_expert])
             )
             features = _penultimate_features(features_module, self._expert_names[gate_expert])
             with torch.no_grad():
@@ -690,29 +601,26 @@ class MoELightningModule(pl.LightningModule):
         example = torch.randn(2, *shape)
         if raw.module is not None:
             # Eval mode throughout: a probe in train mode would update the user's BatchNorm statistics.
-            was_training = raw.module.training
-            raw.module.eval()
-            try:
+            with training_mode(raw.module, False):
                 _probe(raw.module, example, raw.name)
                 macs, params = count_macs_and_params(raw.module, example[:1])
-                program = _export_module(raw.module, example, raw.name)
-            finally:
-                raw.module.train(was_training)
+                program = export_with_dynamic_batch(raw.module, example, name=raw.name)
         else:
             assert raw.program is not None  # for mypy: one of the two is always set
             program = raw.program
             macs = raw.macs if raw.macs is not None else -1
             params = raw.params if raw.params is not None else -1
         # A round trip through bytes gives the MoE its own copy and proves the checkpoint can hold it.
-        data = _serialize_program(program)
-        loaded = _deserialize_program(data, raw.name)
-        module = _allow_mode_switch_(loaded.module())
+        data = serialize_program(program)
+        loaded = _stored_program(data, raw.name)
+        module = _frozen_graph(loaded)
         num_classes = int(_probe(module, example, raw.name).shape[1])
         _probe(module, example[:1], raw.name)  # a batch of one must work too (dynamic batch dimension)
         if macs < 0:
             macs = count_program_macs(module, example[:1])
         if params < 0:
-            params = sum(p.numel() for p in module.parameters())
+            # Stored weight elements of the program: int8 weights are constants, not parameters.
+            params = _program_params_and_dtype(loaded)[0]
         return _Expert(
             name=raw.name,
             module=module,
@@ -739,17 +647,13 @@ class MoELightningModule(pl.LightningModule):
 
     @staticmethod
     def _check_gate_output(gate: nn.Module, example: Tensor, num_experts: int) -> None:
-        was_training = gate.training
-        gate.eval()
         try:
-            with torch.no_grad():
+            with training_mode(gate, False), torch.no_grad():
                 out = gate(example)
         except Exception as err:
             raise ValueError(
                 f"The gate module does not accept inputs of shape {tuple(example.shape)}: {type(err).__name__}: {err}"
             ) from err
-        finally:
-            gate.train(was_training)
         outputs = list(out[:2]) if isinstance(out, (tuple, list)) else [out]
         expected = (example.shape[0], num_experts)
         if any(not isinstance(o, Tensor) or tuple(o.shape) != expected for o in outputs):
@@ -763,19 +667,17 @@ class MoELightningModule(pl.LightningModule):
     def _count_gate_macs(gate: nn.Module, example: Tensor) -> int:
         if hasattr(gate, "graph"):  # an exported gate, as load_moe rebuilds it
             return count_program_macs(gate, example)
-        was_training = gate.training
-        gate.eval()
-        try:
+        with training_mode(gate, False):
             return count_macs_and_params(gate, example)[0]
-        finally:
-            gate.train(was_training)
 
     @staticmethod
     def _try_export_gate(gate: nn.Module, example: Tensor) -> bytes | None:
         if hasattr(gate, "graph"):
             return None
         try:
-            return _serialize_program(_export_module(gate, example, "the gate module"))
+            with training_mode(gate, False):
+                program = export_with_dynamic_batch(gate, example, name="the gate module")
+            return serialize_program(program)
         except Exception as err:
             rank_zero_warn(
                 f"MoELightningModule: the gate module could not be exported ({err}); checkpoints will not hold"
@@ -1049,15 +951,11 @@ class MoELightningModule(pl.LightningModule):
             batch_size: images routed at a time (a capacity limit applies per batch).
         """
         _check_int(batch_size, "batch_size", 1)
-        was_training = self.training
-        self.eval()
-        try:
+        with training_mode(self, False):
             self._reset_stats()
             for chunk in x.split(batch_size):
                 self._update_stats(chunk.to(self.device), None)
             figures = self._figures(reduce=False)
-        finally:
-            self.train(was_training)
         figures.pop("acc")
         figures.pop("loss")
         return figures
@@ -1179,7 +1077,7 @@ def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> 
             f" {entry['format_version']} > {_FORMAT_VERSION}); upgrade the package."
         )
     names = list(entry.get("expert_names") or [f"experts[{i}]" for i in range(len(entry["experts"]))])
-    programs = [_deserialize_program(_tensor_to_bytes(t), n) for t, n in zip(entry["experts"], names)]
+    programs = [_stored_program(_tensor_to_bytes(t), n) for t, n in zip(entry["experts"], names)]
     # Keys such as LightningCLI's "_instantiator" are not constructor arguments.
     hparams = {
         k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")
@@ -1189,9 +1087,7 @@ def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> 
         if gate is not None:
             gate_arg = gate
         elif entry.get("gate_program") is not None:
-            gate_arg = _allow_mode_switch_(
-                _deserialize_program(_tensor_to_bytes(entry["gate_program"]), "the gate").module()
-            )
+            gate_arg = _frozen_graph(_stored_program(_tensor_to_bytes(entry["gate_program"]), "the gate"))
         else:
             raise ValueError(
                 f"{str(path)!r} was trained with a gate module that could not be exported; pass it as `gate=`."

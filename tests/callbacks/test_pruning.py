@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +20,12 @@ from lightning_hybridcomp._lightning import optimizer_parameters, unwrap_optimiz
 from lightning_hybridcomp.callbacks._pruning_utils import apply_structure_, example_from_spec
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning, load_pruned_model
 from lightning_hybridcomp.models import build_backbone
+from tests._helpers import ClassifierSteps, fast_trainer, random_classification_data, run_ddp_script
 
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny networks: on a shared, busy machine two intra-op threads wait on each other far longer than they
-    compute (measured 0.1 ms vs 24 ms for a small conv), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Classifier(pl.LightningModule):
+class Classifier(ClassifierSteps):
     """A plain user LightningModule around a backbone (deliberately not the package's ImageClassifier)."""
 
     def __init__(
@@ -66,19 +54,9 @@ class Classifier(pl.LightningModule):
         if with_example:
             self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self(batch[0])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -90,11 +68,8 @@ class Classifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": sched}
 
     def _data(self, seed: int) -> TensorDataset:
-        g = torch.Generator().manual_seed(seed)
         c, s, n = self.hparams.in_channels, self.hparams.image_size, self.hparams.samples
-        return TensorDataset(
-            torch.randn(n, c, s, s, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
-        )
+        return random_classification_data(n, (c, s, s), num_classes=NUM_CLASSES, seed=seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self._data(0), batch_size=8)
@@ -104,21 +79,8 @@ class Classifier(pl.LightningModule):
 
 
 def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": max_epochs,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 1,
-        "default_root_dir": str(tmp_path),
-        "callbacks": callbacks,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    options = {"num_sanity_val_steps": 0, "limit_val_batches": 1, **kwargs}
+    return fast_trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **options)
 
 
 def _costs(model: nn.Module, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -513,11 +475,8 @@ def test_compiled_module_is_pruned_and_recompiled(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree(tmp_path: Path) -> None:
-    script = Path(__file__).with_name("_ddp_pruning.py")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], check=True, timeout=300, env=env, capture_output=True
-    )
+    result = run_ddp_script(Path(__file__).with_name("_ddp_pruning.py"), tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["world_size"] == 2
     assert rank0["steps_done"] == rank1["steps_done"] == 2
@@ -531,13 +490,14 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_ranks_that_disagree_fail_together(tmp_path: Path) -> None:
     """Negative control for the test above: without averaged scores the ranks prune differently."""
-    script = Path(__file__).with_name("_ddp_pruning.py")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYBRIDCOMP_TEST_NO_AGREEMENT": "1"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], timeout=300, env=env, capture_output=True
+    result = run_ddp_script(
+        Path(__file__).with_name("_ddp_pruning.py"),
+        tmp_path,
+        timeout=300,
+        env={"HYBRIDCOMP_TEST_NO_AGREEMENT": "1"},
     )
     assert result.returncode != 0
-    assert b"the ranks removed different channels" in result.stderr
+    assert "the ranks removed different channels" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- bad input

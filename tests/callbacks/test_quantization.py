@@ -6,9 +6,7 @@ several tests. Tolerances are stated where a figure is compared.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +14,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.fx import GraphModule
@@ -26,6 +23,7 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import build_backbone
 from lightning_hybridcomp.profiling import serialized_size
+from tests._helpers import ClassifierSteps, fast_trainer, relative_distance, run_ddp_script
 
 IMAGE = 8
 # QAT int8 accuracy may trail fp32 on the 270-image test split by at most this much (8 images).
@@ -38,20 +36,13 @@ MIN_AGREEMENT = 0.97
 # --------------------------------------------------------------------------- models written for the tests
 
 
-class DigitsCNN(pl.LightningModule):
+class DigitsCNN(ClassifierSteps):
     """A classifier around one backbone; steps call ``self(x)``."""
 
     def __init__(self, width: int = 16, lr: float = 3e-3) -> None:
         super().__init__()
         self.net = build_backbone("small_cnn", 10, 1, width=width)
         self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
@@ -60,9 +51,6 @@ class DigitsCNN(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self(batch[0])
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -149,18 +137,7 @@ class StageProbe(Callback):
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "default_root_dir": str(tmp_path),
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return fast_trainer(tmp_path, **{"num_sanity_val_steps": 0, **kwargs})
 
 
 def _test_tensors(dm: DigitsDataModule) -> tuple[Tensor, Tensor]:
@@ -177,10 +154,6 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def _int8_tensors(module: nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() for t in tensors if t.dtype == torch.int8)
-
-
-def _relative_distance(a: Tensor, b: Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 # --------------------------------------------------------------------------- shared runs
@@ -271,7 +244,7 @@ def test_int8_predictions_match_the_fake_quant_model(qat_run: SimpleNamespace, t
     assert qat.stage == "fake_quant"
     agreement = float((fake_quant_logits.argmax(1) == qat_run.int8_logits.argmax(1)).float().mean())
     assert agreement >= MIN_AGREEMENT
-    assert _relative_distance(qat_run.int8_logits, fake_quant_logits) < LOGIT_REL_TOL
+    assert relative_distance(qat_run.int8_logits, fake_quant_logits) < LOGIT_REL_TOL
 
 
 def test_logged_figures(qat_run: SimpleNamespace) -> None:
@@ -484,7 +457,7 @@ def test_linear_int8_backend_converts_linear_and_embedding(linear_run: SimpleNam
         (linear_run.int8_logits.argmax(1) == linear_run.fake_quant_logits.argmax(1)).float().mean()
     )
     assert agreement >= MIN_AGREEMENT
-    assert _relative_distance(linear_run.int8_logits, linear_run.fake_quant_logits) < LOGIT_REL_TOL
+    assert relative_distance(linear_run.int8_logits, linear_run.fake_quant_logits) < LOGIT_REL_TOL
     int8_accuracy = float((linear_run.int8_logits.argmax(1) == linear_run.y_test).float().mean())
     assert int8_accuracy >= linear_run.fp32_accuracy - ACCURACY_BOUND
 
@@ -612,13 +585,8 @@ def test_pruned_qat_checkpoint_reloads_in_any_callback_order(
 
 @pytest.mark.slow
 def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path) -> None:
-    script = Path(__file__).with_name("_ddp_qat.py")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
-    )
+    proc = run_ddp_script(Path(__file__).with_name("_ddp_qat.py"), tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["stage"] == "converted" and r["int8_elements"] > 0 for r in ranks)

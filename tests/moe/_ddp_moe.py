@@ -1,12 +1,12 @@
 """DDP gate training on 2 CPU processes (gloo), launched by test_module.py; each rank writes its figures.
 
-Run as ``python tests/moe/_ddp_moe.py OUT_DIR``; Lightning's ``ddp`` strategy starts rank 1 by running
-this script again.
+Run by ``test_module.py`` through ``tests._helpers.run_ddp_script`` (``python tests/moe/_ddp_moe.py OUT_DIR``
+with the repository on ``PYTHONPATH``); Lightning's ``ddp`` strategy starts rank 1 by running this script
+again.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.moe.module import MoELightningModule
+from tests._ddp_helpers import ddp_trainer, write_rank_result
 
 
 def _expert(width: int) -> nn.Module:
@@ -35,17 +36,7 @@ def main(out_dir: Path) -> None:
     moe = MoELightningModule(
         experts, top_k=2, input_shape=[1, 8, 8], learning_rate=1e-2, balance_coefficient=0.1
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        limit_train_batches=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(out_dir, max_epochs=1, limit_train_batches=4)
     trainer.fit(moe, DigitsDataModule(batch_size=32, image_size=8))
     local = sum(len(batch[1]) for batch in trainer.val_dataloaders)
     record = {
@@ -57,7 +48,7 @@ def main(out_dir: Path) -> None:
         "gate": [float(p.detach().double().sum()) for p in moe.gate.parameters()],
         "experts_unchanged": all(not p.requires_grad for p in moe.experts.parameters()),
     }
-    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+    write_rank_result(out_dir, trainer, record)
 
 
 if __name__ == "__main__":

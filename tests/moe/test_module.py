@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_hybridcomp.artifacts import save_artifact
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.moe.gate import routing_mask, top_k_gate
 from lightning_hybridcomp.moe.module import MoELightningModule, load_moe
 from lightning_hybridcomp.profiling import count_macs_and_params
+from tests._helpers import fast_trainer, random_classification_data, run_ddp_script
 
 IMAGE = [1, 8, 8]
-REPO = Path(__file__).resolve().parents[2]
 
 
 class TinyCNN(nn.Module):
@@ -61,18 +61,6 @@ class BranchyNet(nn.Module):
         return -self.fc(x.flatten(1))
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 def _random_experts(widths=(2, 3, 4), seed=0) -> list[nn.Module]:
     torch.manual_seed(seed)
     experts = [TinyCNN(w) for w in widths]
@@ -89,15 +77,6 @@ def _randomise_gate_(moe: MoELightningModule, seed: int = 0) -> None:
     with torch.no_grad():
         for p in moe.gate.parameters():
             p.copy_(torch.randn(p.shape, generator=generator))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one intra-op thread avoids oversubscription (about 2x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +125,7 @@ def _fit(
     moe = MoELightningModule(
         experts, top_k=2, input_shape=IMAGE, balance_coefficient=balance, learning_rate=1e-2, **kwargs
     )
-    trainer = _trainer(max_epochs=epochs)
+    trainer = fast_trainer(max_epochs=epochs)
     trainer.fit(moe, digits)
     return moe, trainer
 
@@ -239,7 +218,7 @@ def test_capacity_factor_drops_the_lowest_weights_and_counts_them():
 
 def test_capacity_drops_are_logged_in_training(digits):
     moe = MoELightningModule(_random_experts(), top_k=1, input_shape=IMAGE, capacity_factor=0.5)
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(moe, digits)
     # 64 samples, 3 experts, capacity ceil(0.5 * 64 / 3) = 11 each: at least 64 - 33 dropped per batch.
     assert trainer.callback_metrics["moe/train/dropped"].item() >= 2 * (64 - 33)
@@ -370,10 +349,7 @@ def test_checkpoint_round_trip_without_expert_classes(fitted, digits, tmp_path):
 
 
 def _loader(n_batches: int = 3) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n_batches * 16, *IMAGE, generator=generator)
-    y = torch.randint(0, 10, (n_batches * 16,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    return DataLoader(random_classification_data(n_batches * 16, IMAGE), batch_size=16, shuffle=False)
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
@@ -388,13 +364,15 @@ def test_fit_resume_from_expert_files_matches_an_uninterrupted_run(tmp_path):
         return MoELightningModule(paths, top_k=2, noisy_gating=False, learning_rate=1e-2)
 
     full = build()
-    _trainer(max_epochs=2, limit_val_batches=0).fit(full, _loader())
+    fast_trainer(max_epochs=2, limit_val_batches=0).fit(full, _loader())
     first = build()
-    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer = fast_trainer(max_epochs=1, limit_val_batches=0)
     trainer.fit(first, _loader())
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = build()
-    _trainer(max_epochs=2, limit_val_batches=0).fit(resumed, _loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+    fast_trainer(max_epochs=2, limit_val_batches=0).fit(
+        resumed, _loader(), ckpt_path=tmp_path / "epoch1.ckpt"
+    )
     for (name, a), b in zip(full.gate.state_dict().items(), resumed.gate.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert not torch.equal(first.gate.w_gate.weight, full.gate.w_gate.weight)  # the second epoch did train
@@ -403,7 +381,7 @@ def test_fit_resume_from_expert_files_matches_an_uninterrupted_run(tmp_path):
     # Another file where expert 1 was: resuming is an error that names it.
     save_artifact(TinyCNN(3).eval(), paths[1], torch.randn(2, *IMAGE))
     with pytest.raises(RuntimeError, match=r"Expert 1 of this MoE, experts\[1\] \('.*expert1.pt2'\)"):
-        _trainer(max_epochs=2).fit(build(), _loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+        fast_trainer(max_epochs=2).fit(build(), _loader(), ckpt_path=tmp_path / "epoch1.ckpt")
     # A missing expert file is named at construction.
     Path(paths[2]).unlink()
     with pytest.raises(ValueError, match=r"experts\[2\] \('.*expert2.pt2'\) to be an existing file"):
@@ -413,12 +391,12 @@ def test_fit_resume_from_expert_files_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_resume_with_a_different_number_of_experts_is_an_error(tmp_path):
     moe = MoELightningModule(_random_experts(), input_shape=IMAGE)
-    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer = fast_trainer(max_epochs=1, limit_val_batches=0)
     trainer.fit(moe, _loader(1))
     trainer.save_checkpoint(tmp_path / "three.ckpt")
     two = MoELightningModule(_random_experts()[:2], input_shape=IMAGE)
     with pytest.raises(RuntimeError, match="trained with 3 experts"):
-        _trainer(max_epochs=2).fit(two, _loader(1), ckpt_path=tmp_path / "three.ckpt")
+        fast_trainer(max_epochs=2).fit(two, _loader(1), ckpt_path=tmp_path / "three.ckpt")
     with pytest.raises(RuntimeError, match="checkpoint with a 'moe' entry"):
         two.on_load_checkpoint({"state_dict": {}})
 
@@ -457,7 +435,7 @@ def test_gate_on_expert_features(digits, tmp_path):
     with torch.no_grad():
         x = torch.randn(5, *IMAGE)
         torch.testing.assert_close(moe.gate.features(x), experts[2].eval().features(x), rtol=1e-5, atol=1e-6)
-    trainer = _trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(moe, digits)
     assert not any(p.requires_grad for p in moe.gate.features.parameters())
     assert moe.gate.w_gate.weight.abs().sum() > 0  # the head trained
@@ -473,7 +451,7 @@ def test_user_gate_module_round_trips_through_an_exported_gate(digits, tmp_path)
     gate = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     moe = MoELightningModule(_random_experts(), top_k=1, eval_top_k=1, input_shape=IMAGE, gate=gate)
     assert moe.gate_macs == 64 * 3 + 3
-    trainer = _trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(moe, digits)
     trainer.save_checkpoint(tmp_path / "user_gate.ckpt")
     loaded = load_moe(tmp_path / "user_gate.ckpt")
@@ -507,7 +485,7 @@ def test_unfrozen_experts_fine_tune_but_int8_experts_stay_frozen(digits):
     assert all(p.requires_grad for p in moe.experts[0].parameters())
     assert not any(p.requires_grad for p in moe.experts[1].parameters())
     before = [{k: v.clone() for k, v in e.state_dict().items()} for e in moe.experts]
-    _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(moe, digits)
+    fast_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(moe, digits)
     changed = [
         any(not torch.equal(v, e.state_dict()[k]) for k, v in b.items()) for e, b in zip(moe.experts, before)
     ]
@@ -541,7 +519,7 @@ def test_pruned_checkpoint_expert_is_rebuilt_with_its_structure(tmp_path):
     pl.seed_everything(0)
     classifier = ImageClassifier("small_cnn", num_classes=10, in_channels=1, image_size=8, width=4)
     pruning = StructuredPruning(pruning_ratio=0.5, iterative_steps=1, verbose=False)
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[pruning])
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[pruning])
     trainer.fit(classifier, DigitsDataModule(batch_size=32, image_size=8))
     trainer.save_checkpoint(tmp_path / "pruned.ckpt")
     unpruned = ImageClassifier("small_cnn", num_classes=10, in_channels=1, image_size=8, width=4).eval()
@@ -573,13 +551,8 @@ def test_compiled_experts_give_the_same_predictions():
 
 @pytest.mark.slow
 def test_ddp_gate_training_reduces_figures_across_ranks(tmp_path):
-    subprocess.run(
-        [sys.executable, str(REPO / "tests" / "moe" / "_ddp_moe.py"), str(tmp_path)],
-        check=True,
-        cwd=REPO,
-        timeout=300,
-        capture_output=True,
-    )
+    result = run_ddp_script(Path(__file__).with_name("_ddp_moe.py"), tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     dm = DigitsDataModule(image_size=8)

@@ -1,0 +1,91 @@
+"""Pieces several test modules share: fast Trainers, the tests' own LightningModule steps, random data.
+
+Imported as ``tests._helpers`` (pytest's importlib mode names test modules from the repository root); the
+DDP scripts, run as plain files, find it through the ``PYTHONPATH`` that :func:`run_ddp_script` sets.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+# No logger, progress bar, summary or checkpoint files: quiet runs that write nothing unasked.
+FAST_TRAINER_FLAGS: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+}
+
+
+def fast_trainer(root: Path | None = None, **overrides: Any) -> pl.Trainer:
+    """A CPU Trainer with :data:`FAST_TRAINER_FLAGS`, writing under ``root`` when given; ``overrides`` win."""
+    location = {"default_root_dir": str(root)} if root is not None else {}
+    return pl.Trainer(**{**FAST_TRAINER_FLAGS, **location, **overrides})
+
+
+class ClassifierSteps(pl.LightningModule):
+    """Steps of the tests' user LightningModules: ``self.net`` maps inputs to logits, cross-entropy trains.
+
+    Deliberately not the package's ``ImageClassifier``: the callbacks must work on any LightningModule.
+    """
+
+    net: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self(batch[0])
+
+
+def random_classification_data(
+    samples: int, input_shape: Sequence[int], *, num_classes: int = 10, seed: int = 0
+) -> TensorDataset:
+    """``samples`` standard-normal inputs and uniform labels, the same for the same ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(samples, *input_shape, generator=generator),
+        torch.randint(0, num_classes, (samples,), generator=generator),
+    )
+
+
+def relative_distance(a: Tensor, b: Tensor) -> float:
+    """``||a - b|| / ||b||``: how far outputs ``a`` are from the reference outputs ``b``."""
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def run_ddp_script(
+    script: Path, out_dir: Path, *, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a two-process DDP test script as ``python SCRIPT OUT_DIR``; its output comes back as text.
+
+    Lightning's ``ddp`` strategy starts the second rank by running the script again with the same
+    environment, so the ``PYTHONPATH`` set here lets both ranks import ``tests._ddp_helpers``.
+    """
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, str(script), str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": python_path, **(env or {})},
+    )
