@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,7 +318,10 @@ class Pipeline:
         return {"checkpoint": str(target)}
 
     def _run_evaluation(self) -> dict[str, Any]:
-        rows = self.evaluate()
+        with warnings.catch_warnings():
+            # Inductor's int8 lowering repeats this warning for every compiled convolution.
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+            rows = self.evaluate()
         machine = self._machine()
         header = (
             f"Measured on {machine['date']} on {machine['machine']} ({machine['threads']} torch threads);"
