@@ -48,16 +48,6 @@ def replace_module_(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def match_module_names(root: nn.Module, patterns: Sequence[str], *, arg_name: str) -> list[str]:
-    """Expand fully qualified names or glob patterns to the matching submodule names of ``root``.
-
-    Raises:
-        ValueError: naming the first pattern that matches nothing.
-    """
-    names = [n for n, _ in root.named_modules() if n]
-    return match_names(names, patterns, arg_name=arg_name, what=f"a submodule of {type(root).__name__}")
-
-
 def match_names(candidates: Sequence[str], patterns: Sequence[str], *, arg_name: str, what: str) -> list[str]:
     """The ``candidates`` matching fully qualified names or glob patterns, in pattern order, each once.
 
@@ -166,36 +156,7 @@ def inputs_from_batch(batch: Any) -> Tensor:
     )
 
 
-def example_inputs_for(
-    pl_module: pl.LightningModule,
-    network: nn.Module,
-    *,
-    shape: Sequence[int] | None = None,
-    batch: Any = None,
-) -> Tensor | None:
-    """Example inputs for ``network`` in the order: explicit ``shape``, ``example_input_array``, ``batch``.
-
-    ``example_input_array`` is only used when ``network`` is the LightningModule itself or when it is
-    the LightningModule's whole forward network. ``None`` means "not known yet" (wait for a batch).
-    """
-    param = next(network.parameters(), None)
-    device = param.device if param is not None else pl_module.device
-    if shape is not None:
-        return torch.randn(*shape, device=device)
-    example = pl_module.example_input_array
-    if network is pl_module and isinstance(example, Tensor):
-        return example.to(device)
-    if batch is not None:
-        inputs = inputs_from_batch(batch)
-        if network is pl_module or network is _forward_network(pl_module):
-            return inputs[:1].detach().to(device)
-        return None
-    if isinstance(example, Tensor) and network is _forward_network(pl_module):
-        return example.to(device)
-    return None
-
-
-def _forward_network(pl_module: pl.LightningModule) -> nn.Module | None:
+def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:
     """The single child module of a LightningModule that only wraps one network, else ``None``."""
     children = [m for m in pl_module.children() if any(p.requires_grad for p in m.parameters())]
     return children[0] if len(children) == 1 else None
@@ -281,15 +242,6 @@ def optimizer_parameters(trainer: pl.Trainer) -> list[Tensor]:
     return [
         p for opt in map(unwrap_optimizer, trainer.optimizers) for g in opt.param_groups for p in g["params"]
     ]
-
-
-def is_global_zero(trainer: pl.Trainer | None) -> bool:
-    return trainer is None or trainer.is_global_zero
-
-
-def callbacks_of_type(trainer: pl.Trainer, types: type | tuple[type, ...]) -> list[Any]:
-    callbacks: list[Any] = getattr(trainer, "callbacks", [])
-    return [cb for cb in callbacks if isinstance(cb, types)]
 
 
 def first_tensor(values: Iterable[Any]) -> Tensor | None:

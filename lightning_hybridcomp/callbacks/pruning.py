@@ -22,8 +22,8 @@ from typing_extensions import override
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
-    _forward_network,
     device_of,
+    forward_network,
     inputs_from_batch,
     match_names,
     resolve_module,
@@ -518,7 +518,7 @@ class StructuredPruning(Callback):
 
     def _is_whole_network(self, pl_module: pl.LightningModule, network: nn.Module) -> bool:
         """Whether ``network`` takes the LightningModule's own inputs (itself, or its one wrapped network)."""
-        forward = _forward_network(pl_module)
+        forward = forward_network(pl_module)
         return network is pl_module or (forward is not None and network is unwrap_compiled(forward))
 
     def _names_inside(self, pl_module: pl.LightningModule, network: nn.Module) -> list[str]:

@@ -24,8 +24,8 @@ from typing_extensions import override
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
-    _forward_network,
     device_of,
+    forward_network,
     inputs_from_batch,
     replace_module_,
     resolve_module,
@@ -617,7 +617,7 @@ class QuantizationAwareTraining(Callback):
         if self.module is not None:
             resolve_module(pl_module, self.module, arg_name="module")
             return self.module
-        forward = _forward_network(pl_module)
+        forward = forward_network(pl_module)
         if forward is not None:
             return next(name for name, child in pl_module.named_children() if child is forward)
         return ""
@@ -688,7 +688,7 @@ class QuantizationAwareTraining(Callback):
         return _make_example(self._example_shape, self._example_dtype, device_of(network, self._pl_module))
 
     def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        whole = not self._network_name or network is _forward_network(pl_module) or self._stage != "float"
+        whole = not self._network_name or network is forward_network(pl_module) or self._stage != "float"
         if self.example_input_shape is None and not whole:
             raise ValueError(
                 f"Expected `example_input_shape` for module {self._network_name!r}: it is a submodule, so neither"
