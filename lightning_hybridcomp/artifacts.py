@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_hybridcomp._io import write_bytes_atomic
+
 __all__ = ["ArtifactMetadata", "LoadedArtifact", "compile_artifact", "load_artifact", "save_artifact"]
 
 FORMAT_VERSION = 1
@@ -167,11 +169,7 @@ def save_artifact(
     data, metadata = _build_artifact(
         model, example_inputs, steps=steps, extra=extra, architecture=architecture
     )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_bytes_atomic(path, data)
     return metadata
 
 

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
+from lightning_hybridcomp._io import atomic_path, write_bytes_atomic
 from lightning_hybridcomp._lightning import inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
@@ -47,9 +48,7 @@ _OWNED = ("baseline", "experts", "moe", "logs", "report.md", "results.json", "pa
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=str))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(content, indent=2, default=str).encode())
 
 
 def _tensorboard_available() -> bool:
@@ -249,9 +248,8 @@ class Pipeline:
             trainer = self._trainer(folder, "baseline", cfg.max_epochs, [])
             self._fit(trainer, model, folder)
         weights = folder / "weights.pt"
-        tmp = folder / "weights.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            torch.save(model.state_dict(), tmp)
         meta = save_artifact(model.cpu().eval(), folder / "model.pt2", self._example_inputs(model), steps=())
         return {"weights": str(weights), "artifact": str(folder / "model.pt2"), "macs": meta.macs}
 
@@ -312,9 +310,8 @@ class Pipeline:
         trainer = self._trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
         self._fit(trainer, moe, folder)
         target = folder / "moe.ckpt"
-        tmp = folder / "moe.ckpt.tmp"
-        trainer.save_checkpoint(str(tmp), weights_only=False)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            trainer.save_checkpoint(str(tmp), weights_only=False)
         return {"checkpoint": str(target)}
 
     def _run_evaluation(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_hybridcomp._io import atomic_path, write_bytes_atomic
 from lightning_hybridcomp.profiling import format_table
 
 __all__ = ["ResultRow", "pareto_front", "write_report"]
@@ -71,12 +72,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _plot(rows: Sequence[ResultRow], path: Path) -> None:
     import matplotlib
 
@@ -103,10 +98,9 @@ def _plot(rows: Sequence[ResultRow], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("Accuracy against cost: baseline (star), experts (circles), MoE (diamonds)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def report_table(rows: Sequence[ResultRow]) -> str:
@@ -160,7 +154,7 @@ def write_report(
         "models": [{**asdict(r), "ratios": _ratios(r, baseline)} for r in rows],
     }
     paths = {"report": out / "report.md", "results": out / "results.json", "pareto": out / "pareto.png"}
-    _atomic_write(paths["results"], json.dumps(results, indent=2).encode())
+    write_bytes_atomic(paths["results"], json.dumps(results, indent=2).encode())
     text = "\n".join(
         [
             "# hybridcomp pipeline report",
@@ -176,6 +170,6 @@ def write_report(
             "",
         ]
     )
-    _atomic_write(paths["report"], text.encode())
+    write_bytes_atomic(paths["report"], text.encode())
     _plot(rows, paths["pareto"])
     return paths
