@@ -280,9 +280,9 @@ class Pipeline:
         model = self._baseline_model(spec.lr)
         model.load_state_dict(torch.load(self.run_dir / "baseline" / "weights.pt", weights_only=True))
         callbacks: list[Callback] = []
-        steps: list[str] = []
-        if spec.pruning is not None:
-            callbacks.append(StructuredPruning(**spec.pruning))
+        pruning = StructuredPruning(**spec.pruning) if spec.pruning is not None else None
+        if pruning is not None:
+            callbacks.append(pruning)
         quantization = (
             QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
         )
@@ -294,8 +294,7 @@ class Pipeline:
         if quantization is not None:
             meta = quantization.save_artifact(artifact)
         else:
-            if spec.pruning is not None:
-                steps.append(f"prune:{spec.pruning}")
+            steps = [pruning.step_label] if pruning is not None else []
             meta = save_artifact(model.cpu().eval(), artifact, self._example_inputs(model), steps=steps)
         return {"artifact": str(artifact), "macs": meta.macs, "steps": list(meta.steps)}
 

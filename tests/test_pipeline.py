@@ -122,6 +122,11 @@ def test_results_match_the_files(finished_run) -> None:
         assert models[name]["macs"] == loaded.metadata.macs
         assert models[name]["params"] == loaded.metadata.params
     assert load_artifact(run_dir / "experts" / "half" / "expert.pt2").metadata.dtype == "int8"
+    assert load_artifact(run_dir / "experts" / "half" / "expert.pt2").metadata.steps == (
+        "prune:l1:0.5",
+        "qat:x86_pt2e",
+    )
+    assert load_artifact(run_dir / "experts" / "third" / "expert.pt2").metadata.steps == ("prune:l1:0.3",)
     # pruning really shrank the experts; MoE cost lies between the cheapest expert and the sum of all
     assert models["half"]["macs"] < 0.5 * models["baseline"]["macs"]
     assert models["third"]["macs"] < models["baseline"]["macs"]

@@ -299,6 +299,19 @@ class StructuredPruning(Callback):
         return self._steps_done
 
     @property
+    def step_label(self) -> str:
+        """How an artifact records this pruning, e.g. ``"prune:l2:0.5"`` or ``"prune:lamp:macs=0.2"``."""
+        importance = self.importance if isinstance(self.importance, str) else type(self.importance).__name__
+        for value, prefix in (
+            (self.pruning_ratio, ""),
+            (self.target_macs_ratio, "macs="),
+            (self.target_params_ratio, "params="),
+        ):
+            if value is not None:
+                return f"prune:{importance}:{prefix}{value:g}"
+        return f"prune:{importance}"
+
+    @property
     def step_summaries(self) -> list[dict[str, Any]]:
         """One plain dict per applied step: ``step``, ``epoch``, ``params``, ``macs``, ``macs_ratio``, ``seconds``."""
         return [dict(s) for s in self._summaries]

@@ -662,7 +662,7 @@ class QuantizationAwareTraining(Callback):
 
     def _steps(self) -> tuple[str, ...]:
         trainer = self._pl_module._trainer if self._pl_module is not None else None
-        steps = [_pruning_step(cb) for cb in self._pruning_callbacks(trainer)] if trainer is not None else []
+        steps = [cb.step_label for cb in self._pruning_callbacks(trainer)] if trainer is not None else []
         return (*steps, f"qat:{self.backend}")
 
     # ------------------------------------------------------------------ inputs and checks
@@ -1180,17 +1180,3 @@ def _broadcast_tensors_(trainer: pl.Trainer, module: nn.Module) -> None:
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0)
-
-
-def _pruning_step(cb: Any) -> str:
-    importance = getattr(cb, "importance", "?")
-    importance = importance if isinstance(importance, str) else type(importance).__name__
-    for attr, prefix in (
-        ("pruning_ratio", ""),
-        ("target_macs_ratio", "macs="),
-        ("target_params_ratio", "params="),
-    ):
-        value = getattr(cb, attr, None)
-        if value is not None:
-            return f"prune:{importance}:{prefix}{value:g}"
-    return f"prune:{importance}"
