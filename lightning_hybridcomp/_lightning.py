@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,7 +242,3 @@ def optimizer_parameters(trainer: pl.Trainer) -> list[Tensor]:
     return [
         p for opt in map(unwrap_optimizer, trainer.optimizers) for g in opt.param_groups for p in g["params"]
     ]
-
-
-def first_tensor(values: Iterable[Any]) -> Tensor | None:
-    return next((v for v in values if isinstance(v, Tensor)), None)

@@ -12,8 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
-from lightning_hybridcomp._lightning import first_tensor
+from lightning_hybridcomp._lightning import inputs_from_batch
 from lightning_hybridcomp.pipeline_config import PipelineError
 from lightning_hybridcomp.profiling import format_table, profile_model
 
@@ -55,13 +56,11 @@ def print_summary(trainer: pl.Trainer, model: pl.LightningModule, datamodule: An
     """Test ``model`` (when it can be tested) and print accuracy, params, MACs and bytes on rank zero."""
     accuracy = _test_accuracy(trainer, model, datamodule)
     example: Any = model.example_input_array
-    if not hasattr(example, "shape"):
-        batch = next(iter(datamodule.test_dataloader()))
-        example = first_tensor(batch if isinstance(batch, (list, tuple)) else [batch])
-    profile = profile_model(model, example.to(model.device)) if example is not None else None
+    if not isinstance(example, Tensor):
+        example = inputs_from_batch(next(iter(datamodule.test_dataloader())))
+    profile = profile_model(model, example.to(model.device))
     row: dict[str, Any] = {"model": type(model).__name__, "test accuracy": accuracy}
-    if profile is not None:
-        row.update(params=profile.params, MACs=profile.macs, bytes=profile.size_bytes)
+    row.update(params=profile.params, MACs=profile.macs, bytes=profile.size_bytes)
     rank_zero_info("\n" + format_table([row], title="hybridcomp summary"))
 
 
