@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,26 +322,24 @@ class Pipeline:
         header = (
             f"Measured on {machine['date']} on {machine['machine']} ({machine['threads']} torch threads);"
             f" configuration fingerprint `{self.config.fingerprint()}`, {len(self.config.experts)} experts,"
-            f" MoE at k = {self.config.moe.top_k}, test split of {self._test_size()} images."
+            f" MoE at k = {self.config.moe.top_k}, test split of {sum(len(y) for _, y in self._test_batches)} images."
         )
         write_report(self.run_dir, rows, header=header, metadata=machine)
         return {"models": [r.name for r in rows]}
 
     # ------------------------------------------------------------------ evaluation
 
-    def _test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    @functools.cached_property
+    def _test_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """The test split's batches, read once and shared by every model's measurement."""
         dm = self.datamodule
         dm.setup("test")
-        for batch in dm.test_dataloader():
-            yield inputs_from_batch(batch), batch[1]
-
-    def _test_size(self) -> int:
-        return sum(int(y.numel()) for _, y in self._test_batches())
+        return [(inputs_from_batch(batch), batch[1]) for batch in dm.test_dataloader()]
 
     def _accuracy(self, forward: Callable[[Tensor], Tensor]) -> float:
         correct = total = 0
         with torch.no_grad():
-            for x, y in self._test_batches():
+            for x, y in self._test_batches:
                 correct += int((forward(x).argmax(dim=-1) == y).sum())
                 total += int(y.numel())
         return correct / max(total, 1)
@@ -386,7 +384,7 @@ class Pipeline:
             if self.config.evaluation.compile:
                 moe.compile_experts_()
             accuracy = self._accuracy(moe)
-            stats = moe.routing_statistics(torch.cat([x for x, _ in self._test_batches()]))
+            stats = moe.routing_statistics(torch.cat([x for x, _ in self._test_batches]))
             latency = self._latencies(moe, example)
             rows.append(
                 ResultRow(
@@ -457,15 +455,16 @@ class Pipeline:
         """
         self._prepare_run_dir()
         phases = self.phases()
+        pending = [_read_done(phase.folder) is None for phase in phases]
         seconds = epochs = 0.0
         for number, phase in enumerate(phases, start=1):
-            if _read_done(phase.folder) is not None:
+            if not pending[number - 1]:
                 self.say(f"=== Phase {number}/{len(phases)}: {phase.name} — finished earlier, skipped ===")
                 continue
             eta = ""
             if epochs:
                 # Seconds per training epoch so far, times the training epochs still ahead.
-                left = sum(p.epochs for p in phases[number - 1 :] if _read_done(p.folder) is None)
+                left = sum(p.epochs for p, todo in zip(phases[number - 1 :], pending[number - 1 :]) if todo)
                 eta = f", about {seconds / epochs * left:.0f}s of training left"
             self.say(f"=== Phase {number}/{len(phases)}: {phase.name}{eta} ===")
             phase.folder.mkdir(parents=True, exist_ok=True)
