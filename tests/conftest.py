@@ -1,8 +1,6 @@
-"""Shared fixtures: quiet, fast, deterministic Lightning runs on the CPU."""
+"""Shared fixtures: fast, deterministic Lightning runs on the CPU (warning filters live in pyproject)."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -12,13 +10,6 @@ from tests._helpers import FAST_TRAINER_FLAGS
 # One intra-op thread: on 2 shared cores more threads are slower for tiny models, and DDP workers
 # would oversubscribe.
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PL_DISABLE_FORK", "0")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 @pytest.fixture
