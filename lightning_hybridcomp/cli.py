@@ -57,10 +57,14 @@ def print_summary(trainer: pl.Trainer, model: pl.LightningModule, datamodule: An
     accuracy = _test_accuracy(trainer, model, datamodule)
     example: Any = model.example_input_array
     if not isinstance(example, Tensor):
-        example = inputs_from_batch(next(iter(datamodule.test_dataloader())))
-    profile = profile_model(model, example.to(model.device))
+        try:
+            example = inputs_from_batch(next(iter(datamodule.test_dataloader())))
+        except RuntimeError:
+            example = None  # a batch layout the summary cannot read: report accuracy alone
     row: dict[str, Any] = {"model": type(model).__name__, "test accuracy": accuracy}
-    row.update(params=profile.params, MACs=profile.macs, bytes=profile.size_bytes)
+    if example is not None:
+        profile = profile_model(model, example.to(model.device))
+        row.update(params=profile.params, MACs=profile.macs, bytes=profile.size_bytes)
     rank_zero_info("\n" + format_table([row], title="hybridcomp summary"))
 
 
