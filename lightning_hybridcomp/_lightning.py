@@ -242,3 +242,17 @@ def optimizer_parameters(trainer: pl.Trainer) -> list[Tensor]:
     return [
         p for opt in map(unwrap_optimizer, trainer.optimizers) for g in opt.param_groups for p in g["params"]
     ]
+
+
+def close_process_group() -> None:
+    """Destroy the default ``torch.distributed`` process group, if one is up, before the process exits.
+
+    A process that leaves a gloo process group to the interpreter's shutdown can abort with
+    ``terminate called without an active exception`` (gloo's worker threads outlive Python), and a
+    finished DDP run then exits with SIGABRT. Call this once per process after a *successful* run:
+    after a failure other ranks may still wait in a collective, and destroying the group could hang.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

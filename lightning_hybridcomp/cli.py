@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_hybridcomp._lightning import inputs_from_batch
+from lightning_hybridcomp._lightning import close_process_group, inputs_from_batch
 from lightning_hybridcomp.pipeline_config import PipelineError
 from lightning_hybridcomp.profiling import format_table, profile_model
 
@@ -110,20 +110,21 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["pipeline"]:
             _pipeline_main(argv[1:])
-            return
-        HybridCompCLI(
-            model_class=None,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            trainer_defaults={"default_root_dir": "runs"},
-            save_config_kwargs={"overwrite": True},
-        )
+        else:
+            HybridCompCLI(
+                model_class=None,
+                datamodule_class=None,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=args,
+                trainer_defaults={"default_root_dir": "runs"},
+                save_config_kwargs={"overwrite": True},
+            )
     except (ValueError, TypeError, PipelineError) as err:
         cause = _root_cause(err)
         print(f"hybridcomp: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from err
+    close_process_group()  # a DDP run (strategy=ddp) ends cleanly instead of aborting in gloo's threads
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_hybridcomp._lightning import close_process_group
 from lightning_hybridcomp.models import build_backbone
 from tests._helpers import FAST_TRAINER_FLAGS, ClassifierSteps, random_classification_data
 
@@ -58,3 +60,13 @@ def digest(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
 def write_rank_result(out_dir: Path, trainer: pl.Trainer, result: dict[str, Any]) -> None:
     """Write ``OUT_DIR/rank{r}.json``, which the launching test reads back."""
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def run_rank(main: Callable[[Path], None]) -> None:
+    """Run ``main(OUT_DIR)`` with ``OUT_DIR`` from the command line, then close the process group.
+
+    Without the close, gloo's threads can abort a finished rank at interpreter exit (SIGABRT). It runs
+    only after ``main`` returned: a failed rank exits with its error, as the negative controls expect.
+    """
+    main(Path(sys.argv[1]))
+    close_process_group()

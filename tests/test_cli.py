@@ -38,6 +38,34 @@ def test_fit_digits_example_runs_and_prints_the_summary(tmp_path) -> None:
     assert list((tmp_path / "runs").rglob("*.ckpt"))
 
 
+@pytest.mark.slow
+def test_fit_under_ddp_prunes_and_exits_cleanly(tmp_path) -> None:
+    """Two gloo processes started by the CLI prune together, print one summary, and both exit with 0."""
+    result = _hybridcomp(
+        "fit",
+        "--config",
+        str(ROOT / "examples" / "digits.yaml"),
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.callbacks+=lightning_hybridcomp.StructuredPruning",
+        "--trainer.callbacks.pruning_ratio=0.5",
+        "--trainer.callbacks.iterative_steps=1",
+        "--trainer.callbacks.start_epoch=1",
+        cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "terminate called" not in out  # neither rank aborted in gloo's threads at exit
+    assert out.count("hybridcomp summary") == 1  # rank zero only
+    row = next(line for line in out.splitlines() if line.startswith("| ImageClassifier"))
+    params = int(row.split("|")[3].replace(",", ""))
+    assert params < 0.3 * 65_834  # the unpruned small CNN has 65,834 parameters
+
+
 def test_unknown_backbone_is_one_clear_line(tmp_path) -> None:
     result = _hybridcomp("fit", "--model.backbone", "resnet99", "--trainer.max_epochs", "1", cwd=tmp_path)
     assert result.returncode == 2

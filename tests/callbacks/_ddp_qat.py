@@ -8,7 +8,6 @@ test can check that every rank converted to the same model.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +15,7 @@ import torch
 
 from lightning_hybridcomp._lightning import optimizer_parameters
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
-from tests._ddp_helpers import DDPClassifier, ddp_trainer, digest, write_rank_result
+from tests._ddp_helpers import DDPClassifier, ddp_trainer, digest, run_rank, write_rank_result
 
 
 class Report(pl.Callback):
@@ -56,4 +55,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    run_rank(main)

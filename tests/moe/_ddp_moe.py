@@ -7,7 +7,6 @@ again.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +15,7 @@ from torch import nn
 
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.moe.module import MoELightningModule
-from tests._ddp_helpers import ddp_trainer, write_rank_result
+from tests._ddp_helpers import ddp_trainer, run_rank, write_rank_result
 
 
 def _expert(width: int) -> nn.Module:
@@ -53,4 +52,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]))
+    run_rank(main)
