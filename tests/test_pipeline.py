@@ -172,9 +172,8 @@ def test_other_config_in_the_same_run_dir_is_refused(finished_run, tmp_path) -> 
 def test_killed_run_resumes_and_completes(tmp_path) -> None:
     config = _write_config(tmp_path)
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        _command(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads: it cannot fill up
+        process = subprocess.Popen(_command(config, run_dir), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     marker = run_dir / "experts" / "half" / "checkpoints" / "last.ckpt"
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
