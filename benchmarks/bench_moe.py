@@ -9,13 +9,12 @@ median CPU time for one batch of 64 in one run. Every model runs as the same kin
 
 Run::
 
-    .venv/bin/python benchmarks/bench_moe.py --output benchmarks/results/bench_moe.json
+    .venv/bin/python benchmarks/bench_moe.py --out benchmarks/results/bench_moe.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import add_out_argument, benchmark_trainer, run_config, write_result
 from torch import Tensor, nn
 
 from lightning_hybridcomp.artifacts import export_with_dynamic_batch
@@ -40,18 +40,6 @@ from lightning_hybridcomp.profiling import (
 
 # (pruning ratio, importance) per expert: different sizes and different views of which channels matter.
 EXPERTS = [(0.5, "l2"), (0.6, "l1"), (0.7, "fpgm"), (0.8, "lamp")]
-
-
-def _trainer(epochs: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-    )
 
 
 def _accuracy(fn: Any, x: Tensor, y: Tensor) -> float:
@@ -81,7 +69,7 @@ def _paired_latency(parts: dict[str, tuple[Any, Tensor]], repeats: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="benchmarks/results/bench_moe.json", help="JSON file to write")
+    add_out_argument(parser, "benchmarks/results/bench_moe.json")
     parser.add_argument("--workdir", default=None, help="folder for checkpoints (a temporary one by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-epochs", type=int, default=15)
@@ -102,7 +90,7 @@ def main() -> None:
 
     # 1. The uncompressed model.
     baseline = ImageClassifier("small_cnn", num_classes=10, in_channels=1, image_size=16, width=32, lr=3e-3)
-    trainer = _trainer(args.baseline_epochs)
+    trainer = benchmark_trainer(args.baseline_epochs)
     trainer.fit(baseline, dm)
     trainer.save_checkpoint(workdir / "baseline.ckpt")
     baseline.eval()
@@ -120,7 +108,7 @@ def main() -> None:
             importance=importance,
             verbose=False,
         )
-        trainer = _trainer(args.expert_epochs, [pruning])
+        trainer = benchmark_trainer(args.expert_epochs, [pruning])
         trainer.fit(model, dm)
         path = workdir / f"expert{i}_{importance}_{ratio}.ckpt"
         trainer.save_checkpoint(path)
@@ -129,7 +117,7 @@ def main() -> None:
     # 3. The gate, trained at k = 2 over the checkpoints (rebuilt with load_pruned_model).
     pl.seed_everything(args.seed)
     moe = MoELightningModule(expert_paths, top_k=2, gate="cnn", gate_input_size=8, learning_rate=3e-3)
-    trainer = _trainer(args.moe_epochs)
+    trainer = benchmark_trainer(args.moe_epochs)
     trainer.fit(moe, dm)
     moe_stats = {}
     for k in (1, 2):
@@ -264,7 +252,7 @@ def main() -> None:
     print(f"Total time {elapsed:.0f} s, latency threads {args.threads}")
 
     result = {
-        "config": {**vars(args), "experts": EXPERTS, "image_size": 16, "test_samples": len(y_test)},
+        "config": run_config(args, experts=EXPERTS, image_size=16, test_samples=len(y_test)),
         "rows": rows,
         "experts": [
             {
@@ -281,10 +269,7 @@ def main() -> None:
         "aims": aims,
         "elapsed_s": elapsed,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    print(f"Wrote {output}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

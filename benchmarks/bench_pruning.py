@@ -15,15 +15,14 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import add_out_argument, benchmark_trainer, run_config, write_result
 from lightning.pytorch.callbacks import ModelPruning
 from torch import Tensor, nn
 
@@ -74,15 +73,7 @@ def _train(
         "small_cnn", num_classes=10, in_channels=1, image_size=args.image_size, width=args.width
     )
     callbacks = callbacks_for(model.net)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = benchmark_trainer(args.epochs, callbacks)
     trainer.fit(model, dm)
     accuracy = float(trainer.test(model, dm, verbose=False)[0]["test/acc"])
     return model, accuracy, callbacks
@@ -118,7 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=50, help="timed forward passes per model and batch size"
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_pruning.json"))
+    add_out_argument(parser, "benchmarks/results/bench_pruning.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -219,11 +210,8 @@ def main() -> None:
     lines = [*figures.splitlines(), "", *ratios.splitlines()]
     print("\n".join(lines))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(torch=torch.__version__, model="SmallCNN", dataset="embedded digits (upsampled)")
-    args.out.write_text(json.dumps({"config": config, "runs": runs, "table": lines}, indent=2))
-    print(f"\nwrote {args.out}")
+    config = run_config(args, model="SmallCNN", dataset="embedded digits (upsampled)")
+    write_result(args.out, {"config": config, "runs": runs, "table": lines})
 
 
 if __name__ == "__main__":

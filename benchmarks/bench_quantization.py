@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import add_out_argument, benchmark_trainer, run_config, write_result
 from torch import Tensor, nn
 
 from lightning_hybridcomp.artifacts import (
@@ -55,17 +56,7 @@ def _train(args: argparse.Namespace, callbacks: list[pl.Callback]) -> tuple[Imag
     model = ImageClassifier(
         "small_cnn", num_classes=10, in_channels=1, image_size=args.image_size, width=args.width
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=args.epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = benchmark_trainer(args.epochs, callbacks, num_sanity_val_steps=0)
     start = time.perf_counter()
     trainer.fit(model, _datamodule(args))
     return model, time.perf_counter() - start
@@ -138,7 +129,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (training and timing)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per model and round")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_quantization.json"))
+    add_out_argument(parser, "benchmarks/results/bench_quantization.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     qat_start = args.epochs - args.qat_epochs
@@ -235,16 +226,11 @@ def main() -> None:
         ]
     )
     lines = table.splitlines()
-    config = {
-        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "torch": torch.__version__,
-    }
-    config["fp32_state_dict_bytes"] = fp32_state
+    config = run_config(args, fp32_state_dict_bytes=fp32_state)
     print("\n".join(lines))
     result = {"config": config, "runs": runs, "table": lines}
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""The benchmark scripts run end to end on a miniature budget, and their JSON agrees with itself.
+
+The recorded figures in ``benchmarks/results`` come from the full budgets in the docs; these runs only
+guard that the scripts keep working and measure what they claim (structure removed vs masked, int8 vs
+fp32 bytes, MoE cost between its experts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_benchmark(script: str, out: Path, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out.parent,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"Wrote {out}" in result.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_pruning_benchmark_removes_what_model_pruning_masks(tmp_path: Path) -> None:
+    figures = _run_benchmark(
+        "bench_pruning.py", tmp_path / "pruning.json",
+        "--epochs=3", "--steps=1", "--width=8", "--image-size=16", "--repeats=2",
+    )  # fmt: skip
+    runs = figures["runs"]
+    assert set(runs) == {"unpruned", "ModelPruning", "StructuredPruning"}
+    masked, removed = runs["ModelPruning"], runs["StructuredPruning"]
+    assert masked["macs"] == runs["unpruned"]["macs"] and masked["params"] == runs["unpruned"]["params"]
+    assert masked["zero_filter_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert masked["nonzero_params"] < masked["params"]
+    # Half the channels of every layer gone: about a quarter of the MACs of the inner convolutions remain.
+    assert removed["ratios"]["macs"] < 0.35 and removed["ratios"]["params"] < 0.35
+    assert removed["nonzero_params"] == removed["params"]
+    assert removed["size_bytes"] < runs["unpruned"]["size_bytes"]
+    assert removed["ratios"]["macs"] == pytest.approx(removed["macs"] / runs["unpruned"]["macs"])
+    assert figures["config"]["epochs"] == 3 and figures["config"]["torch"]
+
+
+@pytest.mark.slow
+def test_quantization_benchmark_shrinks_artifacts_to_int8(tmp_path: Path) -> None:
+    figures = _run_benchmark(
+        "bench_quantization.py", tmp_path / "quantization.json",
+        "--epochs=3", "--qat-epochs=1", "--prune-steps=1", "--width=8", "--image-size=16",
+        "--rounds=1", "--repeats=2",
+    )  # fmt: skip
+    runs = {run["model"]: run for run in figures["runs"]}
+    assert list(runs) == ["fp32", "PTQ int8", "QAT int8", "pruned+QAT int8"]
+    fp32 = runs["fp32"]
+    for name in ("PTQ int8", "QAT int8", "pruned+QAT int8"):
+        assert runs[name]["dtype"] == "int8"
+        assert runs[name]["artifact_bytes"] < 0.6 * fp32["artifact_bytes"]
+        assert runs[name]["artifact_ratio_to_fp32_artifact"] == pytest.approx(
+            runs[name]["artifact_bytes"] / fp32["artifact_bytes"]
+        )
+    assert runs["QAT int8"]["macs"] == fp32["macs"]
+    assert runs["pruned+QAT int8"]["macs"] < 0.35 * fp32["macs"]
+    assert runs["pruned+QAT int8"]["steps"] == ["prune:l1:0.5", "qat:x86_pt2e"]
+
+
+@pytest.mark.slow
+def test_moe_benchmark_costs_lie_between_gate_and_experts(tmp_path: Path) -> None:
+    figures = _run_benchmark(
+        "bench_moe.py", tmp_path / "moe.json",
+        "--baseline-epochs=1", "--expert-epochs=3", "--moe-epochs=1", "--repeats=2",
+    )  # fmt: skip
+    rows = {row["model"].split(" (")[0]: row for row in figures["rows"]}
+    assert {"MoE k=1", "MoE k=2", "dense average of 4 experts"} <= set(rows)
+    experts = figures["experts"]
+    assert len(experts) == 4
+    gate = figures["gate"]["macs_per_sample"]
+    expert_macs = [expert["macs_per_sample"] for expert in experts]
+    for k in (1, 2):
+        row = rows[f"MoE k={k}"]
+        # Expected MACs per sample: the gate plus k experts, each weighted by its share of the assignments.
+        assert sum(row["expert_load"]) == pytest.approx(1.0)
+        expected = gate + k * sum(load * macs for load, macs in zip(row["expert_load"], expert_macs))
+        assert row["macs_per_sample"] == pytest.approx(expected, rel=1e-6)
+        assert row["macs_ratio"] < 1.0
+    assert rows["MoE k=1"]["macs_per_sample"] < rows["MoE k=2"]["macs_per_sample"]
+    assert rows["MoE k=2"]["macs_per_sample"] < rows["dense average of 4 experts"]["macs_per_sample"] + gate
