@@ -1,6 +1,7 @@
 """Hybrid compression for PyTorch Lightning: structured pruning, quantization-aware training, MoE routing."""
 
 from lightning_hybridcomp.__about__ import __version__
+from lightning_hybridcomp._io import UnreadableCheckpointError
 from lightning_hybridcomp.artifacts import (
     ArtifactMetadata,
     LoadedArtifact,
@@ -19,6 +20,7 @@ __all__ = [
     "ModelProfile",
     "QuantizationAwareTraining",
     "StructuredPruning",
+    "UnreadableCheckpointError",
     "__version__",
     "compile_artifact",
     "load_artifact",

@@ -25,7 +25,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
-from lightning_hybridcomp._io import atomic_path, write_bytes_atomic
+from lightning_hybridcomp._io import (
+    UnreadableCheckpointError,
+    atomic_path,
+    read_checkpoint,
+    write_bytes_atomic,
+)
 from lightning_hybridcomp._lightning import inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
@@ -62,7 +67,7 @@ def _tensorboard_available() -> bool:
 
 def _completed_epochs(checkpoint_path: Path) -> int:
     """Training epochs the fit loop had completed when the checkpoint was written."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path, what="the phase's last checkpoint")
     try:
         return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
     except (KeyError, TypeError, ValueError):
@@ -216,14 +221,22 @@ class Pipeline:
 
         A last checkpoint of a finished fit (the run stopped before the phase's files were written) is
         restored with ``validate`` instead: it rebuilds the final (pruned, int8) structure and weights
-        without training.
+        without training. A last checkpoint that cannot be read (Lightning writes it atomically, so only a
+        file damaged on disk or copied in part) is deleted and the phase starts again from its first epoch.
         """
         last = folder / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        completed = None
+        if last.is_file():
+            try:
+                completed = _completed_epochs(last)
+            except UnreadableCheckpointError as err:
+                self.say(f"{err} Deleting it; this phase starts again from its first epoch.")
+                last.unlink()
+        if completed is None:
             trainer.fit(model, datamodule=self.datamodule)
             return
         self.say(f"resuming from {last}")
-        if _completed_epochs(last) >= (trainer.max_epochs or 0):
+        if completed >= (trainer.max_epochs or 0):
             trainer.validate(model, datamodule=self.datamodule, ckpt_path=str(last), verbose=False)
         else:
             trainer.fit(model, datamodule=self.datamodule, ckpt_path=str(last))
@@ -254,13 +267,7 @@ class Pipeline:
         return {"weights": str(weights), "artifact": str(folder / "model.pt2"), "macs": meta.macs}
 
     def _load_starting_checkpoint(self, model: pl.LightningModule, path: str) -> None:
-        file = Path(path)
-        if not file.is_file():
-            raise ValueError(f"Expected `baseline.checkpoint` to be an existing file, got {path!r}.")
-        try:
-            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
-            raise ValueError(f"Could not read `baseline.checkpoint` {path!r}: {err}") from err
+        checkpoint = read_checkpoint(path, what="`baseline.checkpoint`")
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict):
             raise ValueError(f"Expected `baseline.checkpoint` {path!r} to hold a state_dict.")
@@ -278,7 +285,9 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(spec.seed, workers=True)
         model = self._baseline_model(spec.lr)
-        model.load_state_dict(torch.load(self.run_dir / "baseline" / "weights.pt", weights_only=True))
+        model.load_state_dict(
+            read_checkpoint(self.run_dir / "baseline" / "weights.pt", what="the baseline weights")
+        )
         callbacks: list[Callback] = []
         pruning = StructuredPruning(**spec.pruning) if spec.pruning is not None else None
         if pruning is not None:

@@ -169,7 +169,9 @@ def test_other_config_in_the_same_run_dir_is_refused(finished_run, tmp_path) -> 
     assert _done_times(run_dir) == before
 
 
-def test_killed_run_resumes_and_completes(tmp_path) -> None:
+@pytest.mark.parametrize("cut_last_checkpoint", [False, True], ids=["intact", "cut"])
+def test_killed_run_resumes_and_completes(tmp_path, cut_last_checkpoint) -> None:
+    """A run killed in phase 1 resumes from the phase's last checkpoint, or restarts the phase if it was cut."""
     config = _write_config(tmp_path)
     run_dir = tmp_path / "run"
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads: it cannot fill up
@@ -183,8 +185,13 @@ def test_killed_run_resumes_and_completes(tmp_path) -> None:
     process.wait()
     baseline_done = (run_dir / "baseline" / "done.json").stat().st_mtime
     assert not (run_dir / "experts" / "half" / "done.json").exists()
+    if cut_last_checkpoint:  # damaged on disk (Lightning itself writes checkpoints atomically)
+        marker.write_bytes(marker.read_bytes()[:1000])
     result = _run(config, run_dir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    restarted = "this phase starts again from its first epoch" in result.stdout
+    assert restarted == cut_last_checkpoint
+    assert ("resuming from" in result.stdout) != cut_last_checkpoint
     assert "Phase 1/6: baseline — finished earlier, skipped" in result.stdout
     assert (run_dir / "baseline" / "done.json").stat().st_mtime == baseline_done
     assert (run_dir / "experts" / "half" / "done.json").is_file()

@@ -151,6 +151,8 @@ def apply_structure_(network: nn.Module, history: Sequence[Sequence[Any]], examp
     Raises:
         RuntimeError: if the network already carries a structure that ``history`` does not extend (it was
             pruned differently, e.g. by a later step than the checkpoint); channels cannot be put back.
+        ValueError: if ``history`` names layers the network does not have or channels they do not have
+            (the records come from another architecture).
     """
     target = plain_records(history)
     applied: list[PruningRecord] = getattr(network, APPLIED_HISTORY_ATTR, [])
@@ -163,9 +165,23 @@ def apply_structure_(network: nn.Module, history: Sequence[Sequence[Any]], examp
     remaining = target[len(applied) :]
     if not remaining:
         return 0
+    layers = dict(network.named_modules())
+    unknown = sorted({name for name, _, _ in remaining if name not in layers})
+    if unknown:
+        raise ValueError(
+            f"The checkpoint's pruning records name layers that {type(network).__name__} does not have"
+            f" ({unknown[:5]}): it was written for another architecture."
+        )
     with preserved_modes(network), preserved_requires_grad(network), eager_mode():
         graph = tp.DependencyGraph().build_dependency(network, example_inputs=example_inputs, verbose=False)
-        graph.load_pruning_history(copy.deepcopy(remaining))
+        try:
+            graph.load_pruning_history(copy.deepcopy(remaining))
+        except (IndexError, RuntimeError, KeyError, AttributeError) as err:
+            raise ValueError(
+                f"The checkpoint's pruning records do not fit {type(network).__name__} (a record removes"
+                f" channels its layer does not have): it was written for another architecture or width."
+                f" {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            ) from err
     for p in network.parameters():
         p.grad = None
     setattr(network, APPLIED_HISTORY_ATTR, applied + remaining)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
@@ -903,8 +904,9 @@ def load_pruned_model(
         The pruned model with the checkpoint's weights, in eval mode.
 
     Raises:
-        ValueError: if the checkpoint carries no StructuredPruning state, or a class is given but the
-            checkpoint has no hyper-parameters.
+        ValueError: if the file is missing, unreadable with ``weights_only=True`` or corrupt; if it carries no
+            StructuredPruning state; if a class is given but the checkpoint has no hyper-parameters; or if it
+            was written for another architecture (its records or weights do not fit ``module``).
         TypeError: if ``module`` is neither an ``nn.Module`` instance nor a LightningModule class.
 
     Example::
@@ -912,8 +914,8 @@ def load_pruned_model(
         >>> model = load_pruned_model("checkpoints/last.ckpt", MyLitModel)  # doctest: +SKIP
         >>> model(torch.randn(1, 3, 32, 32))  # doctest: +SKIP
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    state = _find_pruning_state(checkpoint)
+    checkpoint = read_checkpoint(checkpoint_path, what="`checkpoint_path`", map_location=map_location)
+    state = _find_pruning_state(checkpoint) if isinstance(checkpoint, dict) else None
     if state is None:
         raise ValueError(
             f"Expected `checkpoint_path` to point to a checkpoint written with the StructuredPruning callback, but"
@@ -947,5 +949,12 @@ def load_pruned_model(
             state["example_input_shape"], state["example_input_dtype"], device_of(network)
         )
         apply_structure_(network, history, example)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:600]
+        raise ValueError(
+            f"The weights in {str(checkpoint_path)!r} do not fit {type(model).__name__} after its pruning"
+            f" records were replayed: the checkpoint was written for another architecture. {detail}"
+        ) from err
     return model.eval()

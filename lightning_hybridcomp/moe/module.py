@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 from typing_extensions import override
 
+from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import inputs_from_batch, training_mode
 from lightning_hybridcomp.artifacts import (
     _program_params_and_dtype,
@@ -158,12 +159,7 @@ def _load_pt2(path: Path, name: str) -> _RawExpert:
 
 def _load_classifier_checkpoint(path: Path, name: str) -> _RawExpert:
     """Rebuild an ``ImageClassifier`` from a Lightning checkpoint (hyper-parameters + weights)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"Could not read {name} with `torch.load(weights_only=True)`: {type(err).__name__}: {err}"
-        ) from err
+    checkpoint = read_checkpoint(path, what=name)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
             f"Expected {name} to be a Lightning checkpoint with a 'state_dict', got another file."
@@ -1060,11 +1056,7 @@ def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> 
         >>> moe(images).argmax(dim=-1)  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(
-            f"Expected `path` to be an existing MoE checkpoint file, got {str(path)!r} (not found)."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, what="the MoE checkpoint `path`")
     entry = checkpoint.get(_CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(entry, dict) or "experts" not in entry:
         raise ValueError(

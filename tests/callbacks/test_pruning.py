@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelPru
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_hybridcomp._io import UnreadableCheckpointError
 from lightning_hybridcomp._lightning import optimizer_parameters, unwrap_optimizer
 from lightning_hybridcomp.callbacks._pruning_utils import apply_structure_, example_from_spec
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning, load_pruned_model
@@ -647,6 +648,28 @@ def test_load_pruned_model_bad_input(tmp_path: Path) -> None:
         load_pruned_model(path, nn.Linear)
     with pytest.raises(TypeError, match=r"LightningModule class or an nn\.Module"):
         load_pruned_model(path, 42)  # type: ignore[arg-type]
+
+    # Another architecture: other layer names, or the same names with fewer channels.
+    saved = Path(path).read_bytes()
+    with pytest.raises(ValueError, match=r"does not have .*written for another architecture"):
+        load_pruned_model(path, Classifier("mlp"))
+    narrow = Classifier()
+    narrow.net = build_backbone("small_cnn", NUM_CLASSES, 1, width=2)
+    with pytest.raises(ValueError, match="another architecture"):
+        load_pruned_model(path, narrow)
+    with pytest.raises(ValueError, match=r"does not have .*written for another architecture"):
+        _trainer(tmp_path / "c", [StructuredPruning(iterative_steps=1)], max_epochs=1).validate(
+            Classifier("mlp"), ckpt_path=path
+        )
+    # Missing, truncated and non-checkpoint files: one clear error naming the file, which is left as it was.
+    with pytest.raises(ValueError, match="`checkpoint_path` to be an existing file"):
+        load_pruned_model(tmp_path / "nope.ckpt", Classifier)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(UnreadableCheckpointError, match=r"truncated\.ckpt'.*truncated or corrupt"):
+        load_pruned_model(truncated, Classifier)
+    assert truncated.read_bytes() == saved[: len(saved) // 2]
+    assert Path(path).read_bytes() == saved
 
 
 def test_private_guards() -> None:

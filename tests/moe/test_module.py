@@ -402,11 +402,15 @@ def test_resume_with_a_different_number_of_experts_is_an_error(tmp_path):
 
 
 def test_load_moe_rejects_bad_files(tmp_path):
-    with pytest.raises(ValueError, match="existing MoE checkpoint file"):
+    with pytest.raises(ValueError, match="MoE checkpoint `path` to be an existing file"):
         load_moe(tmp_path / "missing.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="to be a MoELightningModule checkpoint"):
         load_moe(tmp_path / "plain.ckpt")
+    data = (tmp_path / "plain.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:-40])
+    with pytest.raises(ValueError, match=r"Could not read the MoE checkpoint `path` '.*cut.ckpt'"):
+        load_moe(tmp_path / "cut.ckpt")
 
 
 def test_load_moe_refuses_pickled_programs(tmp_path):
@@ -656,6 +660,9 @@ def test_missing_and_unsupported_expert_files_are_named(tmp_path):
         ValueError, match=r"Could not load experts\[1\] \('.*fake.pt2'\) as a compressed-model"
     ):
         MoELightningModule([TinyCNN(2), str(tmp_path / "fake.pt2")], input_shape=IMAGE)
+    (tmp_path / "broken.ckpt").write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(ValueError, match=r"Could not read experts\[1\] \('.*broken.ckpt'\)"):
+        MoELightningModule([TinyCNN(2), str(tmp_path / "broken.ckpt")], input_shape=IMAGE)
     torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
     with pytest.raises(ValueError, match=r"experts\[1\] \('.*tensor.ckpt'\) to be a Lightning checkpoint"):
         MoELightningModule([TinyCNN(2), str(tmp_path / "tensor.ckpt")], input_shape=IMAGE)
