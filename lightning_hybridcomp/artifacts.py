@@ -274,7 +274,8 @@ def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
     freezing on, including its first (compiling) call.
 
     Args:
-        module: typically :attr:`LoadedArtifact.module`.
+        module: typically :attr:`LoadedArtifact.module`; any ``nn.Module``, including the module of a
+            plain ``torch.export`` program.
         dynamic: passed to ``torch.compile``. The default compiles once per batch size (about a second
             each for small nets): with a symbolic batch size, torch 2.14's int8 convolution lowering fails
             with a stride mismatch. ``True`` is fine for fp32 programs.
@@ -291,7 +292,10 @@ def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
     _import_quantized_ops()
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be an nn.Module, got {type(module).__name__}.")
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError:  # ``ExportedProgram.module()`` refuses .eval() until it can switch modes
+        make_exported_train_eval_(module).eval()
     # A compiled inference module never changes mode; Dynamo should see the plain graph.
     remove_mode_sync_(module)
     compiled = torch.compile(module, dynamic=dynamic)

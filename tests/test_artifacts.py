@@ -183,6 +183,19 @@ def test_compiled_int8_artifact_matches_eager(models: SimpleNamespace) -> None:
     assert float((out.argmax(1) == models.int8_out.argmax(1)).float().mean()) >= 0.9
 
 
+def test_compile_artifact_takes_a_plain_exported_module() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)
+    ).eval()
+    x = torch.randn(3, *SHAPE)
+    graph = torch.export.export(net, (x,)).module()
+    with pytest.raises(NotImplementedError):
+        graph.eval()  # what torch does with a plain exported module
+    compiled = compile_artifact(graph, dynamic=False)
+    torch.testing.assert_close(compiled(x), net(x))
+
+
 def test_exported_modules_switch_modes_without_losing_dropout_p() -> None:
     net = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.3), nn.Linear(144, 2)
