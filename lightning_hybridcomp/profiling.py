@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,19 +55,25 @@ class ModelProfile:
             >>> small.ratios_to(ModelProfile(params=100, macs=100, size_bytes=800))["macs"]
             0.25
         """
-
-        def ratio(a: float | None, b: float | None) -> float | None:
-            return None if a is None or not b else a / b
-
-        return {
-            "params": ratio(self.params, reference.params),
-            "macs": ratio(self.macs, reference.macs),
-            "size_bytes": ratio(self.size_bytes, reference.size_bytes),
-            "latency_ms": ratio(self.latency_ms, reference.latency_ms),
-        }
+        return figure_ratios(self, reference, ("params", "macs", "size_bytes", "latency_ms"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def figure_ratios(row: Any, reference: Any, names: Sequence[str]) -> dict[str, float | None]:
+    """``row``'s attributes ``names`` divided by ``reference``'s; ``None`` where either is missing or zero.
+
+    Example::
+
+        >>> figure_ratios(ModelProfile(50, 30, 400), ModelProfile(100, 0, 800), ["params", "macs"])
+        {'params': 0.5, 'macs': None}
+    """
+    out: dict[str, float | None] = {}
+    for name in names:
+        value, ref = getattr(row, name), getattr(reference, name)
+        out[name] = None if value is None or not ref else value / ref
+    return out
 
 
 def _as_tuple(example_inputs: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_hybridcomp._io import atomic_path, write_bytes_atomic
-from lightning_hybridcomp.profiling import format_table
+from lightning_hybridcomp.profiling import figure_ratios, format_table
 
 __all__ = ["ResultRow", "pareto_front", "write_report"]
 
@@ -48,11 +48,7 @@ class ResultRow:
 
 
 def _ratios(row: ResultRow, baseline: ResultRow) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for key in _FIGURES[1:]:
-        value, ref = getattr(row, key), getattr(baseline, key)
-        out[key] = None if value is None or not ref else value / ref
-    return out
+    return figure_ratios(row, baseline, _FIGURES[1:])
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
