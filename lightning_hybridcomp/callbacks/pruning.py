@@ -486,7 +486,7 @@ class StructuredPruning(Callback):
                 pl_module, lambda loaded: self.restore_structure_(trainer, pl_module, loaded)
             )
             return
-        state = _find_pruning_state(checkpoint)
+        state = find_pruning_state(checkpoint)
         if state is None or not state.get("history"):
             return
         network = self._resolve_network(pl_module)
@@ -875,7 +875,10 @@ class StructuredPruning(Callback):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
 
 
-def _find_pruning_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+def find_pruning_state(checkpoint: Any) -> dict[str, Any] | None:
+    """The :class:`StructuredPruning` state a loaded checkpoint carries, or ``None`` (also for non-dicts)."""
+    if not isinstance(checkpoint, Mapping):
+        return None
     callbacks = checkpoint.get("callbacks") or {}
     for key, value in callbacks.items():
         if isinstance(key, str) and key.split("{", 1)[0] == StructuredPruning.__qualname__:
@@ -915,11 +918,31 @@ def load_pruned_model(
         >>> model(torch.randn(1, 3, 32, 32))  # doctest: +SKIP
     """
     checkpoint = read_checkpoint(checkpoint_path, what="`checkpoint_path`", map_location=map_location)
-    state = _find_pruning_state(checkpoint) if isinstance(checkpoint, dict) else None
+    return pruned_model_from_checkpoint(
+        checkpoint, module, source=str(checkpoint_path), map_location=map_location
+    )
+
+
+def pruned_model_from_checkpoint(
+    checkpoint: Any,
+    module: type[pl.LightningModule] | nn.Module,
+    *,
+    source: str,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """:func:`load_pruned_model` on a checkpoint already read with ``torch.load(weights_only=True)``.
+
+    Args:
+        checkpoint: the loaded checkpoint.
+        module: as for :func:`load_pruned_model`.
+        source: the checkpoint's file, for error messages.
+        map_location: where the model's tensors go.
+    """
+    state = find_pruning_state(checkpoint)
     if state is None:
         raise ValueError(
             f"Expected `checkpoint_path` to point to a checkpoint written with the StructuredPruning callback, but"
-            f" {str(checkpoint_path)!r} has no StructuredPruning state. Load an unpruned checkpoint with"
+            f" {source!r} has no StructuredPruning state. Load an unpruned checkpoint with"
             " `YourModule.load_from_checkpoint`."
         )
     if isinstance(module, type):
@@ -954,7 +977,7 @@ def load_pruned_model(
     except (KeyError, RuntimeError) as err:
         detail = " ".join(str(err).split())[:600]
         raise ValueError(
-            f"The weights in {str(checkpoint_path)!r} do not fit {type(model).__name__} after its pruning"
+            f"The weights in {source!r} do not fit {type(model).__name__} after its pruning"
             f" records were replayed: the checkpoint was written for another architecture. {detail}"
         ) from err
     return model.eval()

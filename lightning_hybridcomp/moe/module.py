@@ -174,15 +174,13 @@ def _load_classifier_checkpoint(path: Path, name: str) -> _RawExpert:
             " backbone name (its hyper-parameters rebuild the network), but it has no `backbone` name. Load the"
             " model yourself and pass the module, or save it as a '.pt2' artifact."
         )
-    from lightning_hybridcomp.callbacks.pruning import load_pruned_model
+    from lightning_hybridcomp.callbacks.pruning import find_pruning_state, pruned_model_from_checkpoint
     from lightning_hybridcomp.models import ImageClassifier
 
-    pruned = any(
-        str(key).split("{", 1)[0] == "StructuredPruning" for key in (checkpoint.get("callbacks") or {})
-    )
+    pruned = find_pruning_state(checkpoint) is not None
     try:
         if pruned:  # the pruned structure is replayed from the records the callback stored
-            model = load_pruned_model(str(path), ImageClassifier)
+            model = pruned_model_from_checkpoint(checkpoint, ImageClassifier, source=str(path))
         else:
             model = ImageClassifier(**hparams)
             model.load_state_dict(checkpoint["state_dict"])
