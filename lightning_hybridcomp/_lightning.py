@@ -7,8 +7,12 @@ keeping the Trainer consistent after a callback replaced parameters (optimizers,
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import itertools
+import random
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +158,96 @@ def inputs_from_batch(batch: Any) -> Tensor:
         f" read as a tensor, an (input, target) sequence or a mapping with one of the keys {_BATCH_INPUT_KEYS};"
         " for another layout pass `example_input_shape` to the callback."
     )
+
+
+def peek_training_inputs(trainer: pl.Trainer) -> Tensor | None:
+    """The inputs of the first training batch, read without changing what training will see.
+
+    Meant for ``on_train_start`` (the training dataloader exists, no batch was drawn yet). The random
+    states a sampler or transform may consume (torch, NumPy, Python) are put back, so the run's batches and
+    a resumed run's batches are those they would have been. ``None`` if there is no dataloader.
+    """
+    loader = trainer.train_dataloader
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, Sequence):
+        loader = loader[0] if loader else None
+    if loader is None:
+        return None
+    python_state = random.getstate()
+    numpy_state = _numpy_random_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(loader))
+    except StopIteration:
+        return None
+    finally:
+        random.setstate(python_state)
+        if numpy_state is not None:
+            import numpy
+
+            numpy.random.set_state(numpy_state)
+    return inputs_from_batch(batch).detach()
+
+
+def _numpy_random_state() -> Any:
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for torch
+        return None
+    return numpy.random.get_state()
+
+
+def copy_network(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` for a trial run, eager even if it was compiled; the Trainer is not copied."""
+    memo: dict[int, Any] = {}
+    for module in network.modules():
+        for attr in ("_trainer", "_fabric"):
+            owner = module.__dict__.get(attr)
+            if owner is not None:
+                memo[id(owner)] = owner
+    trial = copy.deepcopy(network, memo)
+    for module in trial.modules():
+        # Lightning's `from_compiled` wraps the original's bound hooks, which a copy cannot rebind: the copy
+        # runs its own (eager) methods.
+        context = module.__dict__.pop("_compiler_ctx", None)
+        if isinstance(context, Mapping):
+            for key in context:
+                if key.startswith("original_"):
+                    module.__dict__.pop(key.removeprefix("original_"), None)
+    return trial
+
+
+class TimeLimitExceeded(RuntimeError):
+    """A step given a time limit by :func:`time_limit` ran past it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Interrupt the block with :class:`TimeLimitExceeded` after ``seconds`` of wall-clock time.
+
+    Uses ``SIGALRM``, so it limits only pure-Python work on the main thread of a POSIX process; elsewhere
+    (or with ``seconds=None``) the block runs unlimited.
+    """
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeLimitExceeded(f"{what} did not finish within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_hybridcomp._graph_passes import check_deterministic
 from lightning_hybridcomp._io import write_bytes_atomic
 
 __all__ = ["ArtifactMetadata", "LoadedArtifact", "compile_artifact", "load_artifact", "save_artifact"]
@@ -154,6 +155,8 @@ def save_artifact(
         TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor, or ``extra``
             not JSON-able.
         ValueError: if the model cannot be exported; the message carries ``torch.export``'s reason.
+            A ``NondeterministicProgramError`` (a ``ValueError``) if the exported program still draws
+            random numbers (e.g. ``F.dropout(x, p)`` without ``training=self.training``); nothing is written.
 
     Example::
 
@@ -196,6 +199,7 @@ def _build_artifact(
         raise TypeError(f"Expected `extra` to be JSON-able, got {extra_dict!r}: {err}") from err
 
     program = export_for_artifact(model, example_inputs)
+    check_deterministic(program, f"The program of {architecture or _architecture_name(model)}")
     macs = count_program_macs(program, example_inputs[:1])
     params, dtype = _program_params_and_dtype(program)
     outputs = next(n for n in program.graph.nodes if n.op == "output").args[0]
@@ -337,6 +341,10 @@ def export_for_artifact(model: nn.Module, example_inputs: Tensor) -> torch.expor
         return export_with_dynamic_batch(model, example_inputs)
 
 
+class ExportError(ValueError):
+    """``torch.export`` could not trace a network; the message carries its reason and a hint."""
+
+
 def export_with_dynamic_batch(
     model: nn.Module, example_inputs: Tensor, *, name: str | None = None
 ) -> torch.export.ExportedProgram:
@@ -348,7 +356,8 @@ def export_with_dynamic_batch(
         name: how error messages call the model; its class name by default.
 
     Raises:
-        ValueError: with torch.export's reason and a hint when the model cannot be exported.
+        ExportError: (a ``ValueError``) with torch.export's reason and a hint when the model cannot be
+            exported.
     """
     if example_inputs.shape[0] < 2:
         # A batch of one would make export specialise the batch size to a constant.
@@ -358,7 +367,7 @@ def export_with_dynamic_batch(
         return torch.export.export(model, (example_inputs,), dynamic_shapes=({0: batch},))
     except Exception as err:  # export raises UserError, Unsupported, GuardOnDataDependent, ...
         reason = str(err).strip().splitlines()
-        raise ValueError(
+        raise ExportError(
             f"Could not export {name or type(model).__name__} with `torch.export` on inputs of shape"
             f" {tuple(example_inputs.shape)}: {type(err).__name__}: {' '.join(reason[:6])[:1500]}. Hint: the"
             " network's forward must take one tensor, avoid data-dependent Python control flow and not"

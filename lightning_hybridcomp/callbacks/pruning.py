@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,17 @@ from typing_extensions import override
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
+    TimeLimitExceeded,
     TrainingStateSnapshot,
+    copy_network,
     device_of,
     forward_network,
     inputs_from_batch,
     match_names,
+    peek_training_inputs,
     resolve_module,
+    time_limit,
+    training_mode,
 )
 from lightning_hybridcomp.callbacks._pruning_utils import (
     APPLIED_HISTORY_ATTR,
@@ -133,6 +139,9 @@ class StructuredPruning(Callback):
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
         >>> pruned = load_pruned_model(trainer.checkpoint_callback.last_model_path, type(model))  # doctest: +SKIP
     """
+
+    #: Seconds the trial run before training may spend building torch-pruning's dependency graph.
+    graph_time_limit: float | None = 20.0
 
     def __init__(
         self,
@@ -281,6 +290,7 @@ class StructuredPruning(Callback):
         self._agreement: AgreedImportance | None = None
         self._interceptor = CheckpointLoadInterceptor()
         self._logged_epoch = -1
+        self._preview: nn.Module | None = None
 
     # ------------------------------------------------------------------ public read-only state
 
@@ -329,6 +339,39 @@ class StructuredPruning(Callback):
             return "params", float(self.target_params_ratio)
         return None
 
+    def preview_network(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+        """A copy of the network as the whole pruning schedule will leave it, made by a trial run.
+
+        Built once per ``fit`` at ``on_train_start`` (before the first epoch), so that a network that
+        torch-pruning cannot handle is refused before any training is paid for, and so that
+        :class:`QuantizationAwareTraining` can try its own preparation on the structure it will receive.
+        The copy is pruned to the final ratio or cost target in one go, with the configured importance
+        (Taylor importance scores the gradients of one batch), and its forward is run once. Building the
+        dependency graph is limited to :attr:`graph_time_limit` seconds. ``None`` once pruning has started
+        or when no example input is known.
+
+        Raises:
+            ValueError: if the trial fails: the message names the stage (building the dependency graph,
+                removing channels, running the pruned forward), torch-pruning's reason in one line, and what
+                to change.
+        """
+        if self._preview is not None:
+            return self._preview
+        if self.finished or self._history:
+            return None
+        network = self._resolve_network(pl_module)
+        # The trial draws no random numbers from the run's generators and repeats no warning.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            example = self._example_inputs(pl_module, network, None)
+            if example is None:
+                peeked = peek_training_inputs(trainer)
+                if peeked is None:
+                    return None
+                example = self._match_dtype(network, peeked[:1].to(device_of(network)))
+            self._preview = self._trial_prune(trainer, pl_module, network, example)
+        return self._preview
+
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
@@ -361,9 +404,12 @@ class StructuredPruning(Callback):
             )
         if not self.finished:
             self._ensure_pruner(trainer, pl_module)
+            if not self._history:
+                self.preview_network(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._preview = None
         if not self.finished and self._ensure_pruner(trainer, pl_module):
             self._run_due_steps(trainer, pl_module)
         self._log(trainer, pl_module)
@@ -592,6 +638,10 @@ class StructuredPruning(Callback):
                 example = inputs_from_batch(batch)[:1].to(device)
         if example is None:
             return None
+        return self._match_dtype(network, example)
+
+    @staticmethod
+    def _match_dtype(network: nn.Module, example: Tensor) -> Tensor:
         dtype = next((p.dtype for p in network.parameters() if p.is_floating_point()), None)
         if example.is_floating_point() and dtype is not None:
             example = example.to(dtype)
@@ -602,40 +652,10 @@ class StructuredPruning(Callback):
     ) -> None:
         modules = dict(pl_module.named_modules())
         ignored = [modules[name] for name in self._ignored_names]
-        with preserved_modes(network), preserved_requires_grad(network), eager_mode():
-            if self.keep_output_layers:
-                graph = tp.DependencyGraph().build_dependency(
-                    network, example_inputs=(example,), verbose=False
-                )
-                ignored += [m for m in output_layers(graph, _ROOT_TYPES) if m not in ignored]
-            importance: Any = (
-                make_importance(self.importance) if isinstance(self.importance, str) else self.importance
-            )
-            if trainer.world_size > 1:
-                self._agreement = AgreedImportance(
-                    importance,
-                    lambda t: trainer.strategy.reduce(t, reduce_op="mean"),  # type: ignore[arg-type]
-                )
-                importance = self._agreement
-            kwargs: dict[str, Any] = {
-                "importance": importance,
-                "global_pruning": self.global_pruning,
-                "pruning_ratio": self._pruner_ratio(),
-                "iterative_steps": self._micro_steps(),
-                "ignored_layers": ignored,
-                "round_to": self.round_to,
-                "max_pruning_ratio": self.max_layer_ratio,
-            }
-            if self.regularization is not None:
-                kwargs["reg"] = self.regularization
-            pruner = pruner_class(self.pruner)(network, (example,), **kwargs)
-        if not prunable_groups(pruner):
-            what = f"network {self.network!r}" if self.network else f"{type(pl_module).__name__}"
-            raise ValueError(
-                f"Expected `network` ({what}) to contain prunable layers (Conv, Linear, LSTM) outside"
-                f" `ignored_layers` and the output layers, found none. Ignored: {self._ignored_names}"
-                f"{' + detected output layers' if self.keep_output_layers else ''}."
-            )
+        pruner, self._agreement = self._new_pruner(
+            trainer, pl_module, network, example, ignored, agree=trainer.world_size > 1
+        )
+        self._check_prunable(pruner, pl_module)
         name_of = {m: n for n, m in network.named_modules()}
         if not self._history:
             self._initial_channels = {
@@ -658,6 +678,120 @@ class StructuredPruning(Callback):
             self._initial_cost = self._count(network, example)
         if self._cost is None:
             self._cost = self._count(network, example)
+
+    def _new_pruner(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        network: nn.Module,
+        example: Tensor,
+        ignored: list[nn.Module],
+        *,
+        agree: bool,
+    ) -> tuple[tp.pruner.BasePruner, AgreedImportance | None]:
+        """torch-pruning's pruner over ``network`` and, with ``agree``, the importance averaged over ranks."""
+        with preserved_modes(network), preserved_requires_grad(network), eager_mode():
+            if self.keep_output_layers:
+                graph = tp.DependencyGraph().build_dependency(
+                    network, example_inputs=(example,), verbose=False
+                )
+                ignored += [m for m in output_layers(graph, _ROOT_TYPES) if m not in ignored]
+            importance: Any = (
+                make_importance(self.importance) if isinstance(self.importance, str) else self.importance
+            )
+            agreement = None
+            if agree:
+                agreement = AgreedImportance(
+                    importance,
+                    lambda t: trainer.strategy.reduce(t, reduce_op="mean"),  # type: ignore[arg-type]
+                )
+                importance = agreement
+            kwargs: dict[str, Any] = {
+                "importance": importance,
+                "global_pruning": self.global_pruning,
+                "pruning_ratio": self._pruner_ratio(),
+                "iterative_steps": self._micro_steps(),
+                "ignored_layers": ignored,
+                "round_to": self.round_to,
+                "max_pruning_ratio": self.max_layer_ratio,
+            }
+            if self.regularization is not None:
+                kwargs["reg"] = self.regularization
+            pruner = pruner_class(self.pruner)(network, (example,), **kwargs)
+        return pruner, agreement
+
+    def _check_prunable(self, pruner: tp.pruner.BasePruner, pl_module: pl.LightningModule) -> None:
+        if not prunable_groups(pruner):
+            what = f"network {self.network!r}" if self.network else f"{type(pl_module).__name__}"
+            raise ValueError(
+                f"Expected `network` ({what}) to contain prunable layers (Conv, Linear, LSTM) outside"
+                f" `ignored_layers` and the output layers, found none. Ignored: {self._ignored_names}"
+                f"{' + detected output layers' if self.keep_output_layers else ''}."
+            )
+
+    def _trial_prune(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module, example: Tensor
+    ) -> nn.Module:
+        """Prune a copy of ``network`` through the whole schedule at once; see :meth:`preview_network`."""
+        trial = copy_network(network)
+        copy_of = dict(zip(network.modules(), trial.modules()))
+        modules = dict(pl_module.named_modules())
+        ignored = [copy_of[modules[name]] for name in self._ignored_names]
+        stage = "building the dependency graph"
+        try:
+            with time_limit(self.graph_time_limit, "building torch-pruning's dependency graph"):
+                pruner, _ = self._new_pruner(trainer, pl_module, trial, example, ignored, agree=False)
+        except Exception as err:  # torch-pruning raises anything from ZeroDivisionError to AssertionError
+            raise self._refusal(pl_module, stage, err) from None
+        self._check_prunable(pruner, pl_module)
+        try:
+            stage = "removing channels"
+            with preserved_modes(trial), preserved_requires_grad(trial), eager_mode():
+                if self._taylor:
+                    trial.zero_grad()
+                    trial(example).float().sum().backward()
+                cost = self._cost_target
+                if cost is None:
+                    while pruner.current_step < pruner.iterative_steps:
+                        pruner.step()
+                else:
+                    kind, target = cost
+                    initial = count_macs_and_params(trial, example[:1])[0 if kind == "macs" else 1]
+                    self._prune_to_cost(pruner, trial, example, initial, kind, target)
+                for p in trial.parameters():
+                    p.grad = None
+                stage = "running the pruned network"
+                with torch.no_grad(), training_mode(trial, False):
+                    trial(example)
+        except Exception as err:
+            raise self._refusal(pl_module, stage, err) from None
+        return trial
+
+    def _refusal(self, pl_module: pl.LightningModule, stage: str, err: BaseException) -> ValueError:
+        what = f"network {self.network!r}" if self.network else type(pl_module).__name__
+        reason = " ".join(str(err).split())[:300] or "no message"
+        if isinstance(err, TimeLimitExceeded):
+            hint = (
+                "torch-pruning cannot trace this network's dependencies in reasonable time (seen with shifted"
+                " window attention, e.g. Swin). Prune a convolutional part with `network=...`, or raise"
+                " `StructuredPruning.graph_time_limit` if the network is only very large"
+            )
+        elif stage == "running the pruned network":
+            hint = (
+                "The forward still expects the old widths: it reads a size stored at construction (e.g."
+                " `hidden_dim` of vision transformers) that removing channels does not update. Keep those"
+                " layers in `ignored_layers`, or prune a submodule whose forward reads only tensor shapes"
+            )
+        else:
+            hint = (
+                "torch-pruning cannot follow one of its operations (seen with channel shuffles, e.g."
+                " ShuffleNet). Add the layers around that operation to `ignored_layers`, or prune a submodule"
+                " with `network=...`"
+            )
+        return ValueError(
+            f"StructuredPruning cannot prune {what}: a trial run failed while {stage}"
+            f" ({type(err).__name__}: {reason}). {hint}. Nothing was trained or changed."
+        )
 
     def _micro_steps(self) -> int:
         """torch-pruning steps over the whole schedule."""
@@ -721,7 +855,7 @@ class StructuredPruning(Callback):
                     while pruner.current_step < until:
                         pruner.step()
                 else:
-                    self._prune_to_cost(pruner, network, cost, step)
+                    self._step_to_cost(pruner, network, cost, step)
             finally:
                 if self._agreement is not None:
                     self._agreement.active = False
@@ -770,13 +904,35 @@ class StructuredPruning(Callback):
         if self.finished:
             self._release_pruner()
 
-    def _prune_to_cost(
+    def _step_to_cost(
         self, pruner: tp.pruner.BasePruner, network: nn.Module, cost: tuple[str, float], step: int
     ) -> None:
         assert self._initial_cost is not None and self._example is not None
         kind, target = cost
         fraction = 1.0 - (1.0 - target) * step / self.iterative_steps
         initial = self._initial_cost[0] if kind == "macs" else self._initial_cost[1]
+        stopped_at = self._prune_to_cost(pruner, network, self._example, initial, kind, fraction)
+        if stopped_at is not None:
+            self._exhausted = True
+            rank_zero_warn(
+                f"StructuredPruning: cannot reach target_{kind}_ratio={target}: stopped at {stopped_at:.3f}x after"
+                f" step {step}; layers are limited by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored"
+                " and output layers. Pruning stops here."
+            )
+
+    def _prune_to_cost(
+        self,
+        pruner: tp.pruner.BasePruner,
+        network: nn.Module,
+        example: Tensor,
+        initial: int,
+        kind: str,
+        fraction: float,
+    ) -> float | None:
+        """Step ``pruner`` until the ``kind`` cost is at most ``fraction`` of ``initial``.
+
+        Returns ``None`` when the target was met, else the cost ratio where the pruner ran out of channels.
+        """
         if not self.global_pruning:
             # With the same ratio r in every layer, MACs and params shrink at most like (1 - r)^2, so
             # 1 - sqrt(fraction) is a lower bound of the ratio needed; jumping to 80% of it skips most
@@ -789,19 +945,12 @@ class StructuredPruning(Callback):
                 pruner.current_step = jump - 1
                 pruner.step()
         while True:
-            macs, params = count_macs_and_params(network, self._example[:1])
+            macs, params = count_macs_and_params(network, example[:1])
             value = macs if kind == "macs" else params
             if value <= fraction * initial:
-                return
+                return None
             if pruner.current_step >= pruner.iterative_steps:
-                self._exhausted = True
-                rank_zero_warn(
-                    f"StructuredPruning: cannot reach target_{kind}_ratio={target}: stopped at"
-                    f" {value / max(initial, 1):.3f}x after step {step}; layers are limited by"
-                    f" `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored and output layers. Pruning stops"
-                    " here."
-                )
-                return
+                return value / max(initial, 1)
             pruner.step()
 
     def _check_ranks_agree(self, trainer: pl.Trainer, records: list[PruningRecord]) -> None:

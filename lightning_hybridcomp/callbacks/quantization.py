@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,26 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from typing_extensions import override
 
+from lightning_hybridcomp._graph_passes import (
+    check_deterministic,
+    inference_mode_except_batch_norm,
+    separate_repeated_module_calls_,
+)
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
+    copy_network,
     device_of,
     forward_network,
     inputs_from_batch,
+    peek_training_inputs,
     replace_module_,
     resolve_module,
     training_mode,
 )
 from lightning_hybridcomp.artifacts import (
     ArtifactMetadata,
+    ExportError,
     _build_artifact,
     count_program_macs,
     export_with_dynamic_batch,
@@ -311,6 +320,8 @@ class QuantizationAwareTraining(Callback):
                 f"Expected fake quantization to start before `max_epochs`={max_epochs}, but it would start at epoch"
                 f" {start} (after the last pruning step). Raise max_epochs to at least {start + 1}."
             )
+        if self._stage == "float":
+            self._trial_prepare(trainer, pl_module)
 
     @override
     def on_train_batch_start(
@@ -493,6 +504,56 @@ class QuantizationAwareTraining(Callback):
             f"inserted fake quantization ({self.backend}) into {self._describe_network()} at epoch"
             f" {trainer.current_epoch}, step {trainer.global_step}."
         )
+
+    def _trial_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Insert fake quantization into a copy of the network pruning will leave, before any training.
+
+        A network the backend cannot trace or annotate is refused now, with the upstream reason in one
+        line, instead of after the pruning epochs were paid for.
+        """
+        # The trial draws no random numbers from the run's generators and repeats no warning.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            network = self._network_after_pruning(trainer, pl_module)
+            example = self._trial_example(trainer, pl_module, network)
+            if example is not None:
+                self._try_prepare(network, example)
+
+    def _try_prepare(self, network: nn.Module, example: Tensor) -> None:
+        self._impl.check(network)
+        try:
+            self._impl.prepare(network, example)
+        except ExportError:
+            raise  # already the package's message, with torch.export's reason and a hint
+        except Exception as err:  # export and torchao raise anything from UserError to AssertionError
+            reason = " ".join(str(err).split())[:400] or "no message"
+            raise ValueError(
+                f"QuantizationAwareTraining cannot quantize {self._describe_network()} with backend"
+                f" {self.backend!r}: a trial preparation failed ({type(err).__name__}: {reason}). {self._impl.hint}"
+                " Nothing was trained or changed."
+            ) from None
+
+    def _network_after_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+        """A copy of the network to quantize with the structure an attached StructuredPruning will leave."""
+        name = self._network_name or ""
+        for cb in self._pruning_callbacks(trainer):
+            pruned_name = getattr(cb, "network", None)
+            preview = cb.preview_network(trainer, pl_module) if hasattr(cb, "preview_network") else None
+            if preview is None or not isinstance(pruned_name, str):
+                continue
+            if pruned_name == name:
+                return preview
+            if not pruned_name or name.startswith(pruned_name + "."):
+                return preview.get_submodule(name[len(pruned_name) :].lstrip("."))
+        return copy_network(self._current_network(pl_module))
+
+    def _trial_example(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module
+    ) -> Tensor | None:
+        with contextlib.suppress(RuntimeError):
+            return self._example_inputs(pl_module, network, None)
+        peeked = peek_training_inputs(trainer)
+        return None if peeked is None else peeked[:2].to(device_of(network, pl_module))
 
     def _prepare_(self, pl_module: pl.LightningModule, network: nn.Module, example: Tensor) -> None:
         """Trace ``network`` and host its fake-quant version; the LightningModule is untouched on failure."""
@@ -790,6 +851,12 @@ class QuantizationAwareTraining(Callback):
 class _Backend:
     """How one quantization flow prepares, freezes, converts and reverts a network."""
 
+    #: What to try when :meth:`prepare` fails on a network.
+    hint = ""
+
+    def check(self, network: nn.Module) -> None:
+        """Raise ``ValueError`` if the backend has nothing to quantize in ``network``."""
+
     def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
         raise NotImplementedError
 
@@ -822,16 +889,25 @@ class _Backend:
 
 
 class _PT2EBackend(_Backend):
+    hint = (
+        "The network's forward must be exportable with `torch.export` (one tensor in, no data-dependent"
+        " Python control flow); to quantize only a part, name it with `module=...`; for Linear/Embedding"
+        " networks use backend='linear_int8'."
+    )
+
     def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-        # QAT traces the training-mode graph (BatchNorm with batch statistics).
-        with training_mode(network, True):
+        # QAT traces BatchNorm in its training form (batch statistics, folded into the conv at conversion)
+        # and every other layer as at inference, so that no dropout or drop-path reaches the int8 program.
+        with inference_mode_except_batch_norm(network):
             program = export_with_dynamic_batch(network, example)
+        graph = program.module()
+        separate_repeated_module_calls_(graph)
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
-        prepared = prepare_qat_pt2e(program.module(), quantizer)
+        prepared = prepare_qat_pt2e(graph, quantizer)
         make_exported_train_eval_(prepared)
         prepared._hybridcomp_observers_frozen = False  # type: ignore[assignment]
         prepared._hybridcomp_calibrating = False  # type: ignore[assignment]
@@ -851,6 +927,7 @@ class _PT2EBackend(_Backend):
         make_exported_train_eval_(converted)
         strip_unused_attributes_(converted)
         converted.eval()
+        check_deterministic(converted, "The converted int8 network")
         for param in converted.parameters():
             param.requires_grad_(False)
         return converted
@@ -921,6 +998,15 @@ class _PT2EBackend(_Backend):
 
 
 class _LinearInt8Backend(_Backend):
+    hint = "For convolutional networks use backend='x86_pt2e'."
+
+    def check(self, network: nn.Module) -> None:
+        if not any(type(m) in (nn.Linear, nn.Embedding) for m in network.modules()):
+            raise ValueError(
+                f"Expected the network ({type(network).__name__}) to contain nn.Linear or nn.Embedding layers for"
+                " backend 'linear_int8', found none. Use backend='x86_pt2e' for convolutional networks."
+            )
+
     def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
         from torchao.quantization import (
             Int8DynamicActivationIntxWeightConfig,
@@ -930,13 +1016,7 @@ class _LinearInt8Backend(_Backend):
         )
         from torchao.quantization.qat import QATConfig
 
-        linears = [m for m in network.modules() if type(m) is nn.Linear]
-        embeddings = [m for m in network.modules() if type(m) is nn.Embedding]
-        if not linears and not embeddings:
-            raise ValueError(
-                f"Expected the network ({type(network).__name__}) to contain nn.Linear or nn.Embedding layers for"
-                " backend 'linear_int8', found none. Use backend='x86_pt2e' for convolutional networks."
-            )
+        self.check(network)
         others = [type(m).__name__ for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)]
         if others:
             rank_zero_warn(

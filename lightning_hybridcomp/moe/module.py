@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 from typing_extensions import override
 
+from lightning_hybridcomp._graph_passes import check_deterministic
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import inputs_from_batch, training_mode
 from lightning_hybridcomp.artifacts import (
@@ -605,6 +606,7 @@ class MoELightningModule(pl.LightningModule):
             program = raw.program
             macs = raw.macs if raw.macs is not None else -1
             params = raw.params if raw.params is not None else -1
+        check_deterministic(program, f"The program of expert {raw.name}")
         # A round trip through bytes gives the MoE its own copy and proves the checkpoint can hold it.
         data = serialize_program(program)
         loaded = _stored_program(data, raw.name)
