@@ -250,6 +250,19 @@ def time_limit(seconds: float | None, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def init_arguments(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The constructor arguments among a checkpoint's ``hyper_parameters``.
+
+    LightningCLI records its own keys (``_instantiator``, ``_class_path``) beside the arguments.
+
+    Example::
+
+        >>> init_arguments({"width": 8, "_instantiator": "lightning.pytorch.cli.instantiate_module"})
+        {'width': 8}
+    """
+    return {str(k): v for k, v in (hparams or {}).items() if not str(k).startswith("_")}
+
+
 def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:
     """The single child module of a LightningModule that only wraps one network, else ``None``."""
     children = [m for m in pl_module.children() if any(p.requires_grad for p in m.parameters())]

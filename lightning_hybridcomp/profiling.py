@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "ModelProfile",
+    "count_macs",
     "count_macs_and_params",
+    "count_params",
     "format_table",
     "measure_latency",
     "profile_model",
@@ -33,8 +35,8 @@ class ModelProfile:
 
     Attributes:
         params: number of parameter elements.
-        macs: multiply-accumulate operations for one forward pass of the example input (torch-pruning's
-            counter, so per sample when the example batch holds one sample).
+        macs: multiply-accumulates of one forward pass of the example input (:func:`count_macs`, so per
+            sample when the example batch holds one sample).
         size_bytes: bytes of the model's ``state_dict`` as ``torch.save`` writes it.
         latency_ms: median forward latency in milliseconds, or ``None`` when not measured.
         latency_batch_size: batch size the latency was measured at.
@@ -80,18 +82,57 @@ def _as_tuple(example_inputs: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def count_macs_and_params(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> tuple[int, int]:
-    """MACs of one forward pass on ``example_inputs`` and the parameter count, by torch-pruning's counter.
+def count_macs(
+    model: nn.Module | torch.export.ExportedProgram, example_inputs: Tensor | tuple[Any, ...]
+) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs``: the package's one definition of MACs.
 
-    The model's train/eval mode is left as it was.
+    Counted are the multiply-accumulates of convolutions (a grouped or depthwise convolution by its real
+    fan-in, ``in_channels / groups``) and of matrix products (linear layers, ``matmul``/``bmm``, attention,
+    and torchao's int8 ``_int_mm``); bias additions, normalisation, activations, pooling and element-wise
+    operations are not MACs. This is PyTorch's FLOP counter divided by two, so an eager module, an exported
+    program and its int8 conversion (whose convolutions run on dequantized weights in the graph) of the same
+    network give the same figure. Pass one sample for MACs per sample. A module is counted in eval mode and
+    left in its own mode.
+
+    Example::
+
+        >>> conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # 8 outputs x (4 / 2) inputs x 3 x 3 per pixel
+        >>> count_macs(conv, torch.randn(1, 4, 5, 5)) == 8 * 2 * 3 * 3 * 5 * 5
+        True
+        >>> count_macs(nn.Linear(16, 10), torch.randn(1, 16))
+        160
     """
-    was_training = model.training
+    module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._int_mm: _int_mm_flop})
+    # Exported graph modules refuse .train()/.eval() unless made switchable; they run as they are.
+    switchable = not isinstance(module, torch.fx.GraphModule)
+    was_training = module.training
     try:
-        with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, _as_tuple(example_inputs))
+        if switchable:
+            module.eval()
+        with counter, torch.no_grad():
+            module(*_as_tuple(example_inputs))
     finally:
-        model.train(was_training)
-    return int(macs), int(params)
+        if switchable:
+            module.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Elements of the model's parameters, each shared parameter once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs_and_params(model: nn.Module, example_inputs: Tensor | tuple[Any, ...]) -> tuple[int, int]:
+    """:func:`count_macs` and :func:`count_params` of ``model``."""
+    return count_macs(model, example_inputs), count_params(model)
+
+
+def _int_mm_flop(
+    a_shape: Sequence[int], b_shape: Sequence[int], *args: Any, out_shape: Any = None, **kw: Any
+) -> int:
+    return 2 * int(a_shape[0]) * int(a_shape[1]) * int(b_shape[1])
 
 
 def serialized_size(obj: nn.Module | dict[str, Any]) -> int:
@@ -166,7 +207,7 @@ def profile_model(
 
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
         >>> p = profile_model(net, torch.randn(1, 1, 8, 8))
-        >>> p.macs == 4 * 9 * 36 + 144 * 10 + 10, p.params == 36 + 1450  # Linear bias: one MAC per output
+        >>> p.macs == 4 * 9 * 36 + 144 * 10, p.params == 36 + 1450  # a bias add is not a MAC
         (True, True)
     """
     if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:

@@ -7,7 +7,6 @@ and testable on their own.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -141,51 +140,6 @@ def example_from_spec(shape: Sequence[int], dtype: str, device: torch.device) ->
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"Expected a torch dtype name such as 'torch.float32', got {dtype!r}.")
     return torch.zeros(*shape, dtype=torch_dtype, device=device)
-
-
-def apply_structure_(network: nn.Module, history: Sequence[Sequence[Any]], example_inputs: Tensor) -> int:
-    """Bring ``network`` to the structure described by ``history``; return how many records were applied.
-
-    Records already applied to this module object are skipped, so calling this twice is harmless.
-
-    Raises:
-        RuntimeError: if the network already carries a structure that ``history`` does not extend (it was
-            pruned differently, e.g. by a later step than the checkpoint); channels cannot be put back.
-        ValueError: if ``history`` names layers the network does not have or channels they do not have
-            (the records come from another architecture).
-    """
-    target = plain_records(history)
-    applied: list[PruningRecord] = getattr(network, APPLIED_HISTORY_ATTR, [])
-    if target[: len(applied)] != applied:
-        raise RuntimeError(
-            f"The network already carries {len(applied)} pruning records that the checkpoint's {len(target)}"
-            " records do not start with, so its structure cannot be restored in place (removed channels cannot"
-            " be put back). Pass a freshly constructed module, or use `load_pruned_model(checkpoint_path, cls)`."
-        )
-    remaining = target[len(applied) :]
-    if not remaining:
-        return 0
-    layers = dict(network.named_modules())
-    unknown = sorted({name for name, _, _ in remaining if name not in layers})
-    if unknown:
-        raise ValueError(
-            f"The checkpoint's pruning records name layers that {type(network).__name__} does not have"
-            f" ({unknown[:5]}): it was written for another architecture."
-        )
-    with preserved_modes(network), preserved_requires_grad(network), eager_mode():
-        graph = tp.DependencyGraph().build_dependency(network, example_inputs=example_inputs, verbose=False)
-        try:
-            graph.load_pruning_history(copy.deepcopy(remaining))
-        except (IndexError, RuntimeError, KeyError, AttributeError) as err:
-            raise ValueError(
-                f"The checkpoint's pruning records do not fit {type(network).__name__} (a record removes"
-                f" channels its layer does not have): it was written for another architecture or width."
-                f" {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-            ) from err
-    for p in network.parameters():
-        p.grad = None
-    setattr(network, APPLIED_HISTORY_ATTR, applied + remaining)
-    return len(remaining)
 
 
 class ParameterSlicing:

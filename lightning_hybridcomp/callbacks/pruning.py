@@ -9,7 +9,6 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TimeLimitExceeded,
@@ -43,7 +41,6 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
     AgreedImportance,
     ParameterSlicing,
     PruningRecord,
-    apply_structure_,
     eager_mode,
     example_from_spec,
     make_importance,
@@ -54,6 +51,11 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
     prunable_groups,
     pruner_class,
     unwrap_compiled,
+)
+from lightning_hybridcomp.callbacks.pruned_checkpoints import (
+    apply_structure_,
+    find_pruning_state,
+    load_pruned_model,
 )
 from lightning_hybridcomp.profiling import count_macs_and_params
 
@@ -1022,111 +1024,3 @@ class StructuredPruning(Callback):
             ("pruning/step", float(self._steps_done)),
         ):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
-
-
-def find_pruning_state(checkpoint: Any) -> dict[str, Any] | None:
-    """The :class:`StructuredPruning` state a loaded checkpoint carries, or ``None`` (also for non-dicts)."""
-    if not isinstance(checkpoint, Mapping):
-        return None
-    callbacks = checkpoint.get("callbacks") or {}
-    for key, value in callbacks.items():
-        if isinstance(key, str) and key.split("{", 1)[0] == StructuredPruning.__qualname__:
-            return value
-    return None
-
-
-def load_pruned_model(
-    checkpoint_path: str | Path,
-    module: type[pl.LightningModule] | nn.Module,
-    *,
-    map_location: str | torch.device = "cpu",
-) -> nn.Module:
-    """Rebuild a pruned model from a checkpoint written during a run with :class:`StructuredPruning`.
-
-    The checkpoint is read with ``torch.load(weights_only=True)``; the structure is replayed from the
-    pruning records it carries, then the weights are loaded and the model is put in eval mode.
-
-    Args:
-        checkpoint_path: a Lightning checkpoint written by a Trainer that had ``StructuredPruning``.
-        module: the LightningModule class (built as ``cls(**checkpoint["hyper_parameters"])``, so it must
-            call ``save_hyperparameters()``), or a freshly constructed instance of the original architecture.
-        map_location: where to load the tensors.
-
-    Returns:
-        The pruned model with the checkpoint's weights, in eval mode.
-
-    Raises:
-        ValueError: if the file is missing, unreadable with ``weights_only=True`` or corrupt; if it carries no
-            StructuredPruning state; if a class is given but the checkpoint has no hyper-parameters; or if it
-            was written for another architecture (its records or weights do not fit ``module``).
-        TypeError: if ``module`` is neither an ``nn.Module`` instance nor a LightningModule class.
-
-    Example::
-
-        >>> model = load_pruned_model("checkpoints/last.ckpt", MyLitModel)  # doctest: +SKIP
-        >>> model(torch.randn(1, 3, 32, 32))  # doctest: +SKIP
-    """
-    checkpoint = read_checkpoint(checkpoint_path, what="`checkpoint_path`", map_location=map_location)
-    return pruned_model_from_checkpoint(
-        checkpoint, module, source=str(checkpoint_path), map_location=map_location
-    )
-
-
-def pruned_model_from_checkpoint(
-    checkpoint: Any,
-    module: type[pl.LightningModule] | nn.Module,
-    *,
-    source: str,
-    map_location: str | torch.device = "cpu",
-) -> nn.Module:
-    """:func:`load_pruned_model` on a checkpoint already read with ``torch.load(weights_only=True)``.
-
-    Args:
-        checkpoint: the loaded checkpoint.
-        module: as for :func:`load_pruned_model`.
-        source: the checkpoint's file, for error messages.
-        map_location: where the model's tensors go.
-    """
-    state = find_pruning_state(checkpoint)
-    if state is None:
-        raise ValueError(
-            f"Expected `checkpoint_path` to point to a checkpoint written with the StructuredPruning callback, but"
-            f" {source!r} has no StructuredPruning state. Load an unpruned checkpoint with"
-            " `YourModule.load_from_checkpoint`."
-        )
-    if isinstance(module, type):
-        if not issubclass(module, pl.LightningModule):
-            raise TypeError(
-                f"Expected `module` to be a LightningModule class or an instance, got class {module.__name__}."
-            )
-        hparams = checkpoint.get("hyper_parameters")
-        if hparams is None:
-            raise ValueError(
-                f"Expected the checkpoint to hold `hyper_parameters` to construct {module.__name__}, found none: call"
-                " `self.save_hyperparameters()` in its __init__, or pass a constructed instance as `module`."
-            )
-        # LightningCLI records its own keys (``_instantiator``, ``_class_path``) beside the arguments.
-        model: nn.Module = module(**{k: v for k, v in hparams.items() if not k.startswith("_")})
-    elif isinstance(module, nn.Module):
-        model = module
-    else:
-        raise TypeError(
-            f"Expected `module` to be a LightningModule class or an nn.Module, got {type(module).__name__}."
-        )
-    model.to(map_location)
-    history = state.get("history") or []
-    if history:
-        network = unwrap_compiled(resolve_module(model, state.get("network", ""), arg_name="network"))
-        example = example_from_spec(
-            state["example_input_shape"], state["example_input_dtype"], device_of(network)
-        )
-        apply_structure_(network, history, example)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError) as err:
-        detail = " ".join(str(err).split())[:600]
-        raise ValueError(
-            f"The weights in {source!r} do not fit {type(model).__name__} after its pruning"
-            f" records were replayed: the checkpoint was written for another architecture. {detail}"
-        ) from err
-    return model.eval()

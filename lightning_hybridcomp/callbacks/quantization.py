@@ -39,18 +39,17 @@ from lightning_hybridcomp._lightning import (
     resolve_module,
     training_mode,
 )
-from lightning_hybridcomp.artifacts import (
-    ArtifactMetadata,
+from lightning_hybridcomp.artifacts import ArtifactMetadata, build_artifact, save_artifact
+from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
+from lightning_hybridcomp.callbacks.contracts import StructuralCompression
+from lightning_hybridcomp.profiling import count_macs
+from lightning_hybridcomp.programs import (
     ExportError,
-    _build_artifact,
-    count_program_macs,
     export_with_dynamic_batch,
     make_exported_train_eval_,
-    save_artifact,
     set_exported_bn_frozen_,
     strip_unused_attributes_,
 )
-from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -450,12 +449,11 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ schedule
 
-    def _pruning_callbacks(self, trainer: pl.Trainer) -> list[Any]:
-        # Duck-typed on the StructuredPruning contract, so that neither module imports the other.
+    def _pruning_callbacks(self, trainer: pl.Trainer) -> list[StructuralCompression]:
         return [
             cb
             for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if cb is not self and hasattr(cb, "restore_structure_") and hasattr(cb, "last_step_epoch")
+            if cb is not self and isinstance(cb, StructuralCompression)
         ]
 
     def _effective_start_epoch(self, trainer: pl.Trainer) -> int:
@@ -467,7 +465,7 @@ class QuantizationAwareTraining(Callback):
         return start
 
     def _is_due(self, trainer: pl.Trainer) -> bool:
-        if not all(getattr(cb, "finished", True) for cb in self._pruning_callbacks(trainer)):
+        if not all(cb.finished for cb in self._pruning_callbacks(trainer)):
             return False
         if self.start_step is not None:
             return trainer.global_step >= self.start_step
@@ -537,9 +535,9 @@ class QuantizationAwareTraining(Callback):
         """A copy of the network to quantize with the structure an attached StructuredPruning will leave."""
         name = self._network_name or ""
         for cb in self._pruning_callbacks(trainer):
-            pruned_name = getattr(cb, "network", None)
-            preview = cb.preview_network(trainer, pl_module) if hasattr(cb, "preview_network") else None
-            if preview is None or not isinstance(pruned_name, str):
+            pruned_name = cb.network
+            preview = cb.preview_network(trainer, pl_module)
+            if preview is None:
                 continue
             if pruned_name == name:
                 return preview
@@ -593,7 +591,7 @@ class QuantizationAwareTraining(Callback):
             return
         try:
             example = self._random_example(self._hosted)
-            _, self._summary = _build_artifact(
+            _, self._summary = build_artifact(
                 self._hosted, example, steps=self._steps(), architecture=self._architecture()
             )
         except Exception as err:  # a converted model that cannot be re-exported still evaluates
@@ -1247,7 +1245,7 @@ def _make_example(shape: list[int], dtype: str, device: torch.device) -> Tensor:
 
 def _costs(network: nn.Module, sample: Tensor) -> dict[str, int]:
     with training_mode(network, False):
-        macs = count_program_macs(network, sample)
+        macs = count_macs(network, sample)
     params = sum(p.numel() for p in network.parameters())
     return {"macs": macs, "params": params}
 

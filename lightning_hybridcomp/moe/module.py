@@ -24,17 +24,8 @@ from typing_extensions import override
 
 from lightning_hybridcomp._graph_passes import check_deterministic
 from lightning_hybridcomp._io import read_checkpoint
-from lightning_hybridcomp._lightning import inputs_from_batch, training_mode
-from lightning_hybridcomp.artifacts import (
-    _program_params_and_dtype,
-    compile_artifact,
-    count_program_macs,
-    export_with_dynamic_batch,
-    load_artifact,
-    load_program_bytes,
-    make_exported_train_eval_,
-    serialize_program,
-)
+from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
+from lightning_hybridcomp.artifacts import compile_artifact, load_artifact
 from lightning_hybridcomp.moe.gate import (
     GateNetwork,
     TopKGating,
@@ -45,7 +36,14 @@ from lightning_hybridcomp.moe.gate import (
     routing_mask,
     top_k_gate,
 )
-from lightning_hybridcomp.profiling import count_macs_and_params, serialized_size
+from lightning_hybridcomp.profiling import count_macs, count_macs_and_params, serialized_size
+from lightning_hybridcomp.programs import (
+    export_with_dynamic_batch,
+    load_program_bytes,
+    make_exported_train_eval_,
+    program_params_and_dtype,
+    serialize_program,
+)
 
 __all__ = ["DispatchResult", "MoELightningModule", "load_moe"]
 
@@ -165,17 +163,17 @@ def _load_classifier_checkpoint(path: Path, name: str) -> _RawExpert:
         raise ValueError(
             f"Expected {name} to be a Lightning checkpoint with a 'state_dict', got another file."
         )
-    # Keys such as LightningCLI's "_instantiator" are not constructor arguments.
-    hparams = {
-        k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")
-    }
+    hparams = init_arguments(checkpoint.get("hyper_parameters"))
     if not isinstance(hparams.get("backbone"), str):
         raise ValueError(
             f"Expected {name} to be a checkpoint of `lightning_hybridcomp.models.ImageClassifier` built from a"
             " backbone name (its hyper-parameters rebuild the network), but it has no `backbone` name. Load the"
             " model yourself and pass the module, or save it as a '.pt2' artifact."
         )
-    from lightning_hybridcomp.callbacks.pruning import find_pruning_state, pruned_model_from_checkpoint
+    from lightning_hybridcomp.callbacks.pruned_checkpoints import (
+        find_pruning_state,
+        pruned_model_from_checkpoint,
+    )
     from lightning_hybridcomp.models import ImageClassifier
 
     pruned = find_pruning_state(checkpoint) is not None
@@ -614,10 +612,10 @@ class MoELightningModule(pl.LightningModule):
         num_classes = int(_probe(module, example, raw.name).shape[1])
         _probe(module, example[:1], raw.name)  # a batch of one must work too (dynamic batch dimension)
         if macs < 0:
-            macs = count_program_macs(module, example[:1])
+            macs = count_macs(module, example[:1])
         if params < 0:
             # Stored weight elements of the program: int8 weights are constants, not parameters.
-            params = _program_params_and_dtype(loaded)[0]
+            params = program_params_and_dtype(loaded)[0]
         return _Expert(
             name=raw.name,
             module=module,
@@ -663,7 +661,7 @@ class MoELightningModule(pl.LightningModule):
     @staticmethod
     def _count_gate_macs(gate: nn.Module, example: Tensor) -> int:
         if hasattr(gate, "graph"):  # an exported gate, as load_moe rebuilds it
-            return count_program_macs(gate, example)
+            return count_macs(gate, example)
         with training_mode(gate, False):
             return count_macs_and_params(gate, example)[0]
 
@@ -1071,10 +1069,7 @@ def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> 
         )
     names = list(entry.get("expert_names") or [f"experts[{i}]" for i in range(len(entry["experts"]))])
     programs = [_stored_program(_tensor_to_bytes(t), n) for t, n in zip(entry["experts"], names)]
-    # Keys such as LightningCLI's "_instantiator" are not constructor arguments.
-    hparams = {
-        k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")
-    }
+    hparams = init_arguments(checkpoint.get("hyper_parameters"))
     gate_arg: str | nn.Module = hparams.pop("gate", "cnn")
     if gate_arg == "module":
         if gate is not None:

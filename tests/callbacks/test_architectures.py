@@ -32,9 +32,10 @@ from lightning_hybridcomp._graph_passes import (
     random_ops,
     separate_repeated_module_calls_,
 )
-from lightning_hybridcomp.artifacts import export_with_dynamic_batch, load_artifact, save_artifact
+from lightning_hybridcomp.artifacts import load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+from lightning_hybridcomp.programs import export_with_dynamic_batch
 from tests._helpers import ClassifierSteps, fast_trainer, random_classification_data
 
 IMAGE = 32

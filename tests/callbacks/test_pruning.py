@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from lightning_hybridcomp.callbacks._pruning_utils import apply_structure_, exam
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning, load_pruned_model
 from lightning_hybridcomp.models import build_backbone
 from tests._helpers import ClassifierSteps, fast_trainer, random_classification_data, run_ddp_script
+from tests._reference import reference_macs, reference_params
 
 NUM_CLASSES = 10
 
@@ -84,9 +84,9 @@ def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kw
     return fast_trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **options)
 
 
-def _costs(model: nn.Module, shape: tuple[int, ...]) -> tuple[float, float]:
-    """MACs and params by torch-pruning's own counter (the independent reference)."""
-    return tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), (torch.zeros(*shape),))
+def _costs(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """MACs and params by the layer-by-layer reference count (independent of the package's counter)."""
+    return reference_macs(model, torch.zeros(*shape)), reference_params(model)
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

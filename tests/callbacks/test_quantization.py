@@ -18,11 +18,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from lightning_hybridcomp.artifacts import count_program_macs, load_artifact
+from lightning_hybridcomp.artifacts import load_artifact
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import build_backbone
-from lightning_hybridcomp.profiling import serialized_size
+from lightning_hybridcomp.profiling import count_macs, serialized_size
 from tests._helpers import ClassifierSteps, fast_trainer, relative_distance, run_ddp_script
 
 IMAGE = 8
@@ -257,7 +257,7 @@ def test_logged_figures(qat_run: SimpleNamespace) -> None:
     assert qat_run.test_metrics["qat/stage"] == 2.0
     assert qat_run.test_metrics["qat/size_bytes"] == summary.size_bytes
     # MACs of the int8 program equal the fp32 network's (BN is folded, convs and the head remain).
-    fp32_macs = count_program_macs(DigitsCNN().net.eval(), qat_run.x_test[:1])
+    fp32_macs = count_macs(DigitsCNN().net.eval(), qat_run.x_test[:1])
     assert qat_run.test_metrics["qat/macs"] == summary.macs == fp32_macs
 
 
@@ -555,7 +555,7 @@ def pruned_run(digits: DigitsDataModule, tmp_path_factory: pytest.TempPathFactor
 def test_pruning_then_qat_in_one_fit(pruned_run: SimpleNamespace) -> None:
     qat = pruned_run.qat
     assert qat.stage == "converted" and qat._started_at == 1  # after the pruning step at epoch 1
-    dense_macs = count_program_macs(DigitsCNN(width=16).net.eval(), pruned_run.x_test[:1])
+    dense_macs = count_macs(DigitsCNN(width=16).net.eval(), pruned_run.x_test[:1])
     assert qat.summary is not None and qat.summary.macs < 0.5 * dense_macs
     metadata = qat.save_artifact(pruned_run.root / "pruned.pt2")
     assert metadata.steps == ("prune:l1:0.5", "qat:x86_pt2e") and metadata.dtype == "int8"
@@ -576,7 +576,7 @@ def test_pruned_qat_checkpoint_reloads_in_any_callback_order(
         model, digits, ckpt_path=pruned_run.root / "ckpt" / "epoch=2.ckpt", verbose=False
     )
     assert qat.stage == "fake_quant"
-    assert count_program_macs(model.net.eval(), pruned_run.x_test[:1]) == pruned_run.qat.summary.macs
+    assert count_macs(model.net.eval(), pruned_run.x_test[:1]) == pruned_run.qat.summary.macs
     assert result[0]["test_acc"] > 0.8
 
 
