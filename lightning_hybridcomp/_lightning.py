@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fnmatch
 import itertools
+import math
 import random
 import signal
 import threading
@@ -160,8 +161,46 @@ def inputs_from_batch(batch: Any) -> Tensor:
     )
 
 
+#: Samples in an example batch: two, so that ``torch.export`` keeps the batch dimension dynamic.
+EXAMPLE_BATCH = 2
+
+
+def make_example(
+    shape: Sequence[int], dtype: str | torch.dtype = "torch.float32", device: torch.device | str = "cpu"
+) -> Tensor:
+    """The package's one stand-in for a network's input: a fixed normal sample (integers: zeros).
+
+    Callbacks trace, rebuild and export networks on it when only the input's shape and dtype are known
+    (from an argument or a checkpoint). It is the same tensor every time and draws nothing from the global
+    random generator, so that rebuilding or exporting never changes a run's random stream; integer inputs
+    are zeros, valid indices for an embedding.
+
+    Raises:
+        ValueError: for a dtype name torch does not have.
+
+    Example::
+
+        >>> torch.equal(make_example([2, 3]), make_example([2, 3])), make_example([1, 2], "torch.int64")
+        (True, tensor([[0, 0]]))
+    """
+    torch_dtype = (
+        dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).rsplit(".", 1)[-1], None)
+    )
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"Expected a torch dtype name such as 'torch.float32', got {dtype!r}.")
+    if not torch_dtype.is_floating_point:
+        return torch.zeros(*shape, dtype=torch_dtype, device=device)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=generator, dtype=torch_dtype).to(device)
+
+
+def example_from_batch(batch: Any) -> Tensor:
+    """The example inputs taken from a training batch: its first :data:`EXAMPLE_BATCH` samples, detached."""
+    return inputs_from_batch(batch)[:EXAMPLE_BATCH].detach()
+
+
 def peek_training_inputs(trainer: pl.Trainer) -> Tensor | None:
-    """The inputs of the first training batch, read without changing what training will see.
+    """The example inputs of the first training batch, read without changing what training will see.
 
     Meant for ``on_train_start`` (the training dataloader exists, no batch was drawn yet). The random
     states a sampler or transform may consume (torch, NumPy, Python) are put back, so the run's batches and
@@ -187,7 +226,7 @@ def peek_training_inputs(trainer: pl.Trainer) -> Tensor | None:
             import numpy
 
             numpy.random.set_state(numpy_state)
-    return inputs_from_batch(batch).detach()
+    return example_from_batch(batch)
 
 
 def _numpy_random_state() -> Any:
@@ -363,3 +402,36 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def refuse_spawning_strategy(trainer: pl.Trainer, stage: str, why: str) -> None:
+    """Raise if ``fit`` would run in spawned worker processes (``ddp_spawn``, ``ddp_fork``, notebooks).
+
+    Lightning copies the weights trained in the workers back into the main process's model, which still
+    has the original structure; ``why`` says what cannot hold them.
+    """
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if stage == "fit" and isinstance(launcher, _MultiProcessingLauncher):
+        raise ValueError(
+            "Expected a `strategy` that does not spawn worker processes (e.g. 'ddp'), got one with the"
+            f" {launcher._start_method!r} start method ('ddp_spawn', 'ddp_fork', 'ddp_notebook'): Lightning"
+            f" copies the trained weights back into the main process's {why}."
+        )
+
+
+def reset_monitors(trainer: pl.Trainer) -> None:
+    """Restart EarlyStopping patience and ModelCheckpoint's best-model tracking (the model just changed)."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, EarlyStopping):
+            cb.wait_count = 0
+            cb.best_score = torch.tensor(math.inf if cb.monitor_op == torch.lt else -math.inf)
+        elif isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+            cb.best_k_models = {}
+            cb.kth_best_model_path = ""
+            cb.best_model_score = None
+            cb.best_model_path = ""
+            cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)

@@ -134,14 +134,6 @@ def plain_records(records: Sequence[Sequence[Any]]) -> list[PruningRecord]:
     return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in records]
 
 
-def example_from_spec(shape: Sequence[int], dtype: str, device: torch.device) -> Tensor:
-    """A zero tensor standing in for the example input recorded in a checkpoint (tracing needs shapes only)."""
-    torch_dtype = getattr(torch, dtype.rsplit(".", 1)[-1], None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"Expected a torch dtype name such as 'torch.float32', got {dtype!r}.")
-    return torch.zeros(*shape, dtype=torch_dtype, device=device)
-
-
 class ParameterSlicing:
     """Records how each parameter was sliced during a pruning step, to slice optimizer state the same way.
 

@@ -17,12 +17,11 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_hybridcomp._io import read_checkpoint
-from lightning_hybridcomp._lightning import device_of, init_arguments, resolve_module
+from lightning_hybridcomp._lightning import device_of, init_arguments, make_example, resolve_module
 from lightning_hybridcomp.callbacks._pruning_utils import (
     APPLIED_HISTORY_ATTR,
     PruningRecord,
     eager_mode,
-    example_from_spec,
     plain_records,
     preserved_modes,
     preserved_requires_grad,
@@ -178,9 +177,7 @@ def pruned_model_from_checkpoint(
     history = state.get("history") or []
     if history:
         network = unwrap_compiled(resolve_module(model, state.get("network", ""), arg_name="network"))
-        example = example_from_spec(
-            state["example_input_shape"], state["example_input_dtype"], device_of(network)
-        )
+        example = make_example(state["example_input_shape"], state["example_input_dtype"], device_of(network))
         apply_structure_(network, history, example)
     try:
         model.load_state_dict(checkpoint["state_dict"])

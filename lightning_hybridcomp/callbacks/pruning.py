@@ -5,7 +5,6 @@ Also :func:`load_pruned_model`, which rebuilds the pruned network from any check
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -14,25 +13,34 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch_pruning as tp
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
-    TimeLimitExceeded,
     TrainingStateSnapshot,
-    copy_network,
     device_of,
+    example_from_batch,
     forward_network,
-    inputs_from_batch,
+    make_example,
     match_names,
     peek_training_inputs,
+    refuse_spawning_strategy,
+    reset_monitors,
     resolve_module,
-    time_limit,
-    training_mode,
 )
+from lightning_hybridcomp._validation import (
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_names,
+    expect_ratio,
+    expect_shape,
+    is_number,
+)
+from lightning_hybridcomp.callbacks._pruner import PrunerSettings, TrialFailure
 from lightning_hybridcomp.callbacks._pruning_utils import (
     APPLIED_HISTORY_ATTR,
     IMPORTANCE_NAMES,
@@ -42,14 +50,10 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
     ParameterSlicing,
     PruningRecord,
     eager_mode,
-    example_from_spec,
-    make_importance,
-    output_layers,
     plain_records,
     preserved_modes,
     preserved_requires_grad,
     prunable_groups,
-    pruner_class,
     unwrap_compiled,
 )
 from lightning_hybridcomp.callbacks.pruned_checkpoints import (
@@ -62,19 +66,6 @@ from lightning_hybridcomp.profiling import count_macs_and_params
 __all__ = ["StructuredPruning", "load_pruned_model"]
 
 _STATE_VERSION = 1
-# torch-pruning steps behind a cost target or a global ranking: each removes about 1% of the channels, so
-# a cost target is met to within that, and a layer exceeds `max_layer_ratio` by at most that (torch-pruning
-# checks the cap before a step, not within it).
-_MICRO_STEPS = 100
-_ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class StructuredPruning(Callback):
@@ -177,73 +168,54 @@ class StructuredPruning(Callback):
                 f"Expected at most one of `pruning_ratio`, `target_macs_ratio` and `target_params_ratio`, got {given}."
                 " Use `pruning_ratio` for a fraction of channels, or a target for a fraction of MACs/params to keep."
             )
-        if pruning_ratio is not None and not (_is_number(pruning_ratio) and 0.0 <= pruning_ratio < 1.0):
-            raise ValueError(
-                f"Expected `pruning_ratio` to be a float in [0, 1) (the fraction of channels removed), got"
-                f" {pruning_ratio!r}."
-            )
+        expect_ratio(
+            pruning_ratio,
+            "pruning_ratio",
+            closed_low=True,
+            closed_high=False,
+            optional=True,
+            hint="It is the fraction of channels removed.",
+        )
         for name in ("target_macs_ratio", "target_params_ratio"):
-            value = targets[name]
-            if value is not None and not (_is_number(value) and 0.0 < value <= 1.0):
-                raise ValueError(
-                    f"Expected `{name}` to be a float in (0, 1] (the fraction of the original cost kept), got"
-                    f" {value!r}. For example 0.3 keeps at most 30%."
-                )
-        for name, value, low in (
-            ("iterative_steps", iterative_steps, 1),
-            ("start_epoch", start_epoch, 0),
-            ("epochs_between_steps", epochs_between_steps, 1),
-        ):
-            if not _is_int(value) or value < low:
-                raise ValueError(f"Expected `{name}` to be an integer >= {low}, got {value!r}.")
+            expect_ratio(
+                targets[name],
+                name,
+                optional=True,
+                hint="It is the fraction of the original cost kept: for example 0.3 keeps at most 30%.",
+            )
+        expect_int(iterative_steps, "iterative_steps", low=1)
+        expect_int(start_epoch, "start_epoch")
+        expect_int(epochs_between_steps, "epochs_between_steps", low=1)
         if isinstance(importance, str):
-            if importance.lower() not in IMPORTANCE_NAMES:
-                raise ValueError(
-                    f"Expected `importance` to be a torch-pruning Importance instance or one of {IMPORTANCE_NAMES},"
-                    f" got {importance!r}."
-                )
+            expect_choice(
+                importance, "importance", IMPORTANCE_NAMES, hint="Or pass a torch-pruning Importance."
+            )
         elif not isinstance(importance, tp.importance.Importance):
             raise TypeError(
                 f"Expected `importance` to be a name or a `torch_pruning.importance.Importance` instance, got"
                 f" {type(importance).__name__}."
             )
-        if not isinstance(pruner, str) or pruner.lower() not in PRUNER_NAMES:
-            raise ValueError(f"Expected `pruner` to be one of {PRUNER_NAMES}, got {pruner!r}.")
+        expect_choice(pruner, "pruner", PRUNER_NAMES)
         if regularization is not None:
             if pruner.lower() not in REGULARIZING_PRUNERS:
                 raise ValueError(
                     f"Expected `regularization` to be None for pruner {pruner!r}, got {regularization!r}. Sparsity"
                     f" regularisation needs one of the pruners {REGULARIZING_PRUNERS}."
                 )
-            if not (_is_number(regularization) and regularization > 0):
+            if not (is_number(regularization) and regularization > 0):
                 raise ValueError(f"Expected `regularization` to be a positive float, got {regularization!r}.")
-        if not isinstance(global_pruning, bool):
-            raise TypeError(f"Expected `global_pruning` to be a bool, got {type(global_pruning).__name__}.")
+        expect_bool(global_pruning, "global_pruning")
         if not isinstance(network, str):
             raise TypeError(
                 f"Expected `network` to be the fully qualified name of a submodule (a str, '' for the whole"
                 f" LightningModule), got {type(network).__name__}. Layers are selected by name, not by object."
             )
-        ignored = list(ignored_layers or [])
-        bad = [layer for layer in ignored if not isinstance(layer, str)]
-        if bad:
-            raise TypeError(
-                "Expected `ignored_layers` to be a list of fully qualified names or glob patterns (str), got"
-                f" {type(bad[0]).__name__}. Write e.g. ['net.fc', 'net.layer4.*'] instead of module objects."
-            )
-        if round_to is not None and (not _is_int(round_to) or round_to < 1):
-            raise ValueError(f"Expected `round_to` to be None or a positive integer, got {round_to!r}.")
-        if not (_is_number(max_layer_ratio) and 0.0 < max_layer_ratio <= 1.0):
-            raise ValueError(f"Expected `max_layer_ratio` to be a float in (0, 1], got {max_layer_ratio!r}.")
-        if example_input_shape is not None and (
-            not isinstance(example_input_shape, (list, tuple))
-            or not example_input_shape
-            or not all(_is_int(s) and s > 0 for s in example_input_shape)
-        ):
-            raise ValueError(
-                "Expected `example_input_shape` to be a list of positive integers including the batch dimension,"
-                f" e.g. [1, 3, 32, 32], got {example_input_shape!r}."
-            )
+        ignored = expect_names(ignored_layers, "ignored_layers", example="['net.fc', 'net.layer4.*']")
+        expect_int(round_to, "round_to", low=1, optional=True)
+        expect_ratio(max_layer_ratio, "max_layer_ratio")
+        shape = expect_shape(example_input_shape, "example_input_shape")
+        expect_bool(keep_output_layers, "keep_output_layers")
+        expect_bool(verbose, "verbose")
         self._taylor = (isinstance(importance, str) and importance.lower() == "taylor") or isinstance(
             importance, tp.importance.GroupTaylorImportance
         )
@@ -268,7 +240,7 @@ class StructuredPruning(Callback):
         self.keep_output_layers = keep_output_layers
         self.round_to = round_to
         self.max_layer_ratio = float(max_layer_ratio)
-        self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
+        self.example_input_shape = shape
         self.verbose = verbose
 
         # Checkpointed state (plain values).
@@ -341,6 +313,21 @@ class StructuredPruning(Callback):
             return "params", float(self.target_params_ratio)
         return None
 
+    @property
+    def _settings(self) -> PrunerSettings:
+        return PrunerSettings(
+            importance=self.importance,
+            pruner=self.pruner,
+            iterative_steps=self.iterative_steps,
+            channel_ratio=self.pruning_ratio,
+            cost_target=self._cost_target,
+            global_pruning=self.global_pruning,
+            round_to=self.round_to,
+            max_layer_ratio=self.max_layer_ratio,
+            regularization=self.regularization,
+            keep_output_layers=self.keep_output_layers,
+        )
+
     def preview_network(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
         """A copy of the network as the whole pruning schedule will leave it, made by a trial run.
 
@@ -370,7 +357,7 @@ class StructuredPruning(Callback):
                 peeked = peek_training_inputs(trainer)
                 if peeked is None:
                     return None
-                example = self._match_dtype(network, peeked[:1].to(device_of(network)))
+                example = self._match_dtype(network, peeked.to(device_of(network)))
             self._preview = self._trial_prune(trainer, pl_module, network, example)
         return self._preview
 
@@ -544,9 +531,7 @@ class StructuredPruning(Callback):
                 f"The checkpoint was pruned on network {saved_name!r}, but this callback prunes {self.network!r}."
                 f" Set `network={saved_name!r}`."
             )
-        example = example_from_spec(
-            state["example_input_shape"], state["example_input_dtype"], device_of(network)
-        )
+        example = make_example(state["example_input_shape"], state["example_input_dtype"], device_of(network))
         applied = apply_structure_(network, state["history"], example)
         if applied:
             rank_zero_info(
@@ -558,7 +543,6 @@ class StructuredPruning(Callback):
 
     def _check_trainer(self, trainer: pl.Trainer, stage: str) -> None:
         from lightning.pytorch.callbacks import ModelPruning
-        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         if any(isinstance(cb, ModelPruning) for cb in callbacks):
@@ -567,13 +551,7 @@ class StructuredPruning(Callback):
                 " ModelPruning masks weights by parameter object and would keep masking the removed tensors."
                 " Use one of the two."
             )
-        launcher = getattr(trainer.strategy, "launcher", None)
-        if stage == "fit" and isinstance(launcher, _MultiProcessingLauncher):
-            raise ValueError(
-                "Expected a `strategy` that does not spawn worker processes (e.g. 'ddp'), got one with the"
-                f" {launcher._start_method!r} start method ('ddp_spawn', 'ddp_fork', 'ddp_notebook'): Lightning copies"
-                " the trained weights back into the main process's unpruned model, which cannot hold them."
-            )
+        refuse_spawning_strategy(trainer, stage, "unpruned model, which cannot hold them")
 
     def _resolve_network(self, pl_module: pl.LightningModule) -> nn.Module:
         return unwrap_compiled(resolve_module(pl_module, self.network, arg_name="network"))
@@ -630,14 +608,14 @@ class StructuredPruning(Callback):
         device = device_of(network)
         example: Tensor | None = None
         if self.example_input_shape is not None:
-            example = torch.randn(*self.example_input_shape, device=device)
+            example = make_example(self.example_input_shape, device=device)
         elif self._example_spec is not None:
-            example = example_from_spec(*self._example_spec, device=device)
+            example = make_example(*self._example_spec, device=device)
         elif self._is_whole_network(pl_module, network):
             if isinstance(pl_module.example_input_array, Tensor):
                 example = pl_module.example_input_array.to(device)
             elif batch is not None:
-                example = inputs_from_batch(batch)[:1].to(device)
+                example = example_from_batch(batch).to(device)
         if example is None:
             return None
         return self._match_dtype(network, example)
@@ -654,9 +632,10 @@ class StructuredPruning(Callback):
     ) -> None:
         modules = dict(pl_module.named_modules())
         ignored = [modules[name] for name in self._ignored_names]
-        pruner, self._agreement = self._new_pruner(
-            trainer, pl_module, network, example, ignored, agree=trainer.world_size > 1
-        )
+        reduce = None
+        if trainer.world_size > 1:
+            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # type: ignore[arg-type]  # noqa: E731
+        pruner, self._agreement = self._settings.build(network, example, ignored, reduce=reduce)
         self._check_prunable(pruner, pl_module)
         name_of = {m: n for n, m in network.named_modules()}
         if not self._history:
@@ -681,47 +660,6 @@ class StructuredPruning(Callback):
         if self._cost is None:
             self._cost = self._count(network, example)
 
-    def _new_pruner(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        network: nn.Module,
-        example: Tensor,
-        ignored: list[nn.Module],
-        *,
-        agree: bool,
-    ) -> tuple[tp.pruner.BasePruner, AgreedImportance | None]:
-        """torch-pruning's pruner over ``network`` and, with ``agree``, the importance averaged over ranks."""
-        with preserved_modes(network), preserved_requires_grad(network), eager_mode():
-            if self.keep_output_layers:
-                graph = tp.DependencyGraph().build_dependency(
-                    network, example_inputs=(example,), verbose=False
-                )
-                ignored += [m for m in output_layers(graph, _ROOT_TYPES) if m not in ignored]
-            importance: Any = (
-                make_importance(self.importance) if isinstance(self.importance, str) else self.importance
-            )
-            agreement = None
-            if agree:
-                agreement = AgreedImportance(
-                    importance,
-                    lambda t: trainer.strategy.reduce(t, reduce_op="mean"),  # type: ignore[arg-type]
-                )
-                importance = agreement
-            kwargs: dict[str, Any] = {
-                "importance": importance,
-                "global_pruning": self.global_pruning,
-                "pruning_ratio": self._pruner_ratio(),
-                "iterative_steps": self._micro_steps(),
-                "ignored_layers": ignored,
-                "round_to": self.round_to,
-                "max_pruning_ratio": self.max_layer_ratio,
-            }
-            if self.regularization is not None:
-                kwargs["reg"] = self.regularization
-            pruner = pruner_class(self.pruner)(network, (example,), **kwargs)
-        return pruner, agreement
-
     def _check_prunable(self, pruner: tp.pruner.BasePruner, pl_module: pl.LightningModule) -> None:
         if not prunable_groups(pruner):
             what = f"network {self.network!r}" if self.network else f"{type(pl_module).__name__}"
@@ -735,78 +673,24 @@ class StructuredPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module, example: Tensor
     ) -> nn.Module:
         """Prune a copy of ``network`` through the whole schedule at once; see :meth:`preview_network`."""
-        trial = copy_network(network)
-        copy_of = dict(zip(network.modules(), trial.modules()))
         modules = dict(pl_module.named_modules())
-        ignored = [copy_of[modules[name]] for name in self._ignored_names]
-        stage = "building the dependency graph"
         try:
-            with time_limit(self.graph_time_limit, "building torch-pruning's dependency graph"):
-                pruner, _ = self._new_pruner(trainer, pl_module, trial, example, ignored, agree=False)
-        except Exception as err:  # torch-pruning raises anything from ZeroDivisionError to AssertionError
-            raise self._refusal(pl_module, stage, err) from None
-        self._check_prunable(pruner, pl_module)
-        try:
-            stage = "removing channels"
-            with preserved_modes(trial), preserved_requires_grad(trial), eager_mode():
-                if self._taylor:
-                    trial.zero_grad()
-                    trial(example).float().sum().backward()
-                cost = self._cost_target
-                if cost is None:
-                    while pruner.current_step < pruner.iterative_steps:
-                        pruner.step()
-                else:
-                    kind, target = cost
-                    initial = count_macs_and_params(trial, example[:1])[0 if kind == "macs" else 1]
-                    self._prune_to_cost(pruner, trial, example, initial, kind, target)
-                for p in trial.parameters():
-                    p.grad = None
-                stage = "running the pruned network"
-                with torch.no_grad(), training_mode(trial, False):
-                    trial(example)
-        except Exception as err:
-            raise self._refusal(pl_module, stage, err) from None
-        return trial
-
-    def _refusal(self, pl_module: pl.LightningModule, stage: str, err: BaseException) -> ValueError:
-        what = f"network {self.network!r}" if self.network else type(pl_module).__name__
-        reason = " ".join(str(err).split())[:300] or "no message"
-        if isinstance(err, TimeLimitExceeded):
-            hint = (
-                "torch-pruning cannot trace this network's dependencies in reasonable time (seen with shifted"
-                " window attention, e.g. Swin). Prune a convolutional part with `network=...`, or raise"
-                " `StructuredPruning.graph_time_limit` if the network is only very large"
+            return self._settings.trial(
+                network,
+                example,
+                [modules[name] for name in self._ignored_names],
+                taylor=self._taylor,
+                graph_seconds=self.graph_time_limit,
+                check=lambda pruner: self._check_prunable(pruner, pl_module),
             )
-        elif stage == "running the pruned network":
-            hint = (
-                "The forward still expects the old widths: it reads a size stored at construction (e.g."
-                " `hidden_dim` of vision transformers) that removing channels does not update. Keep those"
-                " layers in `ignored_layers`, or prune a submodule whose forward reads only tensor shapes"
-            )
-        else:
-            hint = (
-                "torch-pruning cannot follow one of its operations (seen with channel shuffles, e.g."
-                " ShuffleNet). Add the layers around that operation to `ignored_layers`, or prune a submodule"
-                " with `network=...`"
-            )
-        return ValueError(
-            f"StructuredPruning cannot prune {what}: a trial run failed while {stage}"
-            f" ({type(err).__name__}: {reason}). {hint}. Nothing was trained or changed."
-        )
-
-    def _micro_steps(self) -> int:
-        """torch-pruning steps over the whole schedule."""
-        if self._cost_target is not None:
-            return _MICRO_STEPS
-        if self.global_pruning:
-            return self.iterative_steps * math.ceil(_MICRO_STEPS / self.iterative_steps)
-        return self.iterative_steps
-
-    def _pruner_ratio(self) -> float:
-        """torch-pruning's final channel ratio; per-layer ranking is clamped to the per-layer cap."""
-        final = 1.0 if self._cost_target is not None else float(self.pruning_ratio or 0.0)
-        return final if self.global_pruning else min(final, self.max_layer_ratio)
+        except TrialFailure as failure:
+            what = f"network {self.network!r}" if self.network else type(pl_module).__name__
+            cause = failure.__cause__
+            reason = " ".join(str(cause).split())[:300] or "no message"
+            raise ValueError(
+                f"StructuredPruning cannot prune {what}: a trial run failed while {failure.stage}"
+                f" ({type(cause).__name__}: {reason}). {failure.hint()}. Nothing was trained or changed."
+            ) from None
 
     def _release_pruner(self) -> None:
         self._pruner = None
@@ -902,7 +786,7 @@ class StructuredPruning(Callback):
                 f" {self._initial_cost[1]:,} -> {params:,} ({summary['params_ratio']:.3f}x), MACs"
                 f" {self._initial_cost[0]:,} -> {macs:,} ({summary['macs_ratio']:.3f}x), {seconds:.2f}s"
             )
-        self._reset_monitors(trainer)
+        reset_monitors(trainer)
         if self.finished:
             self._release_pruner()
 
@@ -913,7 +797,7 @@ class StructuredPruning(Callback):
         kind, target = cost
         fraction = 1.0 - (1.0 - target) * step / self.iterative_steps
         initial = self._initial_cost[0] if kind == "macs" else self._initial_cost[1]
-        stopped_at = self._prune_to_cost(pruner, network, self._example, initial, kind, fraction)
+        stopped_at = self._settings.prune_to_cost(pruner, network, self._example, initial, kind, fraction)
         if stopped_at is not None:
             self._exhausted = True
             rank_zero_warn(
@@ -921,39 +805,6 @@ class StructuredPruning(Callback):
                 f" step {step}; layers are limited by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored"
                 " and output layers. Pruning stops here."
             )
-
-    def _prune_to_cost(
-        self,
-        pruner: tp.pruner.BasePruner,
-        network: nn.Module,
-        example: Tensor,
-        initial: int,
-        kind: str,
-        fraction: float,
-    ) -> float | None:
-        """Step ``pruner`` until the ``kind`` cost is at most ``fraction`` of ``initial``.
-
-        Returns ``None`` when the target was met, else the cost ratio where the pruner ran out of channels.
-        """
-        if not self.global_pruning:
-            # With the same ratio r in every layer, MACs and params shrink at most like (1 - r)^2, so
-            # 1 - sqrt(fraction) is a lower bound of the ratio needed; jumping to 80% of it skips most
-            # micro-steps without overshooting. (Global ranking has no such bound: it steps all the way.)
-            bound = 1.0 - math.sqrt(fraction)
-            jump = min(
-                int(0.8 * bound / self._pruner_ratio() * pruner.iterative_steps), pruner.iterative_steps
-            )
-            if jump > pruner.current_step + 1:
-                pruner.current_step = jump - 1
-                pruner.step()
-        while True:
-            macs, params = count_macs_and_params(network, example[:1])
-            value = macs if kind == "macs" else params
-            if value <= fraction * initial:
-                return None
-            if pruner.current_step >= pruner.iterative_steps:
-                return value / max(initial, 1)
-            pruner.step()
 
     def _check_ranks_agree(self, trainer: pl.Trainer, records: list[PruningRecord]) -> None:
         if trainer.world_size <= 1:
@@ -997,19 +848,6 @@ class StructuredPruning(Callback):
                 p.grad = torch.zeros_like(p)
 
     # ------------------------------------------------------------------ after a step
-
-    def _reset_monitors(self, trainer: pl.Trainer) -> None:
-        """Scores from before a step belong to a larger model: restart patience and best-model tracking."""
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(cb, EarlyStopping):
-                cb.wait_count = 0
-                cb.best_score = torch.tensor(math.inf if cb.monitor_op == torch.lt else -math.inf)
-            elif isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
-                cb.best_k_models = {}
-                cb.kth_best_model_path = ""
-                cb.best_model_score = None
-                cb.best_model_path = ""
-                cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._cost is None or self._initial_cost is None or self._logged_epoch == trainer.current_epoch:

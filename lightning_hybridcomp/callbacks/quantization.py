@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +22,38 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from typing_extensions import override
 
-from lightning_hybridcomp._graph_passes import (
-    check_deterministic,
-    inference_mode_except_batch_norm,
-    separate_repeated_module_calls_,
-)
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
     copy_network,
     device_of,
+    example_from_batch,
     forward_network,
-    inputs_from_batch,
+    make_example,
     peek_training_inputs,
+    refuse_spawning_strategy,
     replace_module_,
     resolve_module,
     training_mode,
 )
+from lightning_hybridcomp._validation import expect_bool, expect_choice, expect_int, expect_shape
 from lightning_hybridcomp.artifacts import ArtifactMetadata, build_artifact, save_artifact
 from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
+from lightning_hybridcomp.callbacks._subclass_state import (
+    flatten_tensor_subclasses_,
+    unflatten_tensor_subclasses_,
+)
 from lightning_hybridcomp.callbacks.contracts import StructuralCompression
+from lightning_hybridcomp.callbacks.qat_backends import BACKENDS, QuantizationBackend, make_backend
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import (
     ExportError,
-    export_with_dynamic_batch,
-    make_exported_train_eval_,
-    set_exported_bn_frozen_,
-    strip_unused_attributes_,
 )
 
 __all__ = ["QuantizationAwareTraining"]
 
 _STATE_VERSION = 1
 _STAGES = ("float", "fake_quant", "converted")
-_BACKENDS = ("x86_pt2e", "linear_int8")
 _LEGACY_BACKENDS = ("fbgemm", "qnnpack", "x86", "onednn", "eager", "fx")
 _HOST_NAME = "qat_network"
 
@@ -137,32 +135,26 @@ class QuantizationAwareTraining(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(backend, str):
-            raise TypeError(
-                f"Expected `backend` to be a string, got {type(backend).__name__}. Valid options: {_BACKENDS}."
+        hint = ""
+        if isinstance(backend, str) and backend.lower() in _LEGACY_BACKENDS:
+            hint = (
+                "The eager/FX engines of `torch.ao.quantization` are deprecated; 'x86_pt2e' is their PT2E"
+                " successor and produces the same int8 x86 kernels."
             )
-        key = backend.lower()
-        if key not in _BACKENDS:
-            hint = ""
-            if key in _LEGACY_BACKENDS:
-                hint = (
-                    " The eager/FX engines of `torch.ao.quantization` are deprecated; 'x86_pt2e' is their PT2E"
-                    " successor and produces the same int8 x86 kernels."
-                )
-            raise ValueError(f"Expected `backend` to be one of {_BACKENDS}, got {backend!r}.{hint}")
+        key = expect_choice(backend, "backend", BACKENDS, hint=hint)
         if module is not None and (not isinstance(module, str) or not module):
             raise TypeError(
                 f"Expected `module` to be None or the fully qualified name of a submodule, got {module!r}."
             )
-        _check_epoch(start_epoch, "start_epoch", optional=False)
-        _check_epoch(start_step, "start_step")
+        expect_int(start_epoch, "start_epoch")
+        expect_int(start_step, "start_step", optional=True)
         if start_step is not None and start_epoch != 0:
             raise ValueError(
                 f"Expected only one of `start_epoch` and `start_step`, got start_epoch={start_epoch} and"
                 f" start_step={start_step}. Keep start_epoch=0 when starting at a step."
             )
-        _check_epoch(freeze_observers_epoch, "freeze_observers_epoch")
-        _check_epoch(freeze_bn_epoch, "freeze_bn_epoch")
+        expect_int(freeze_observers_epoch, "freeze_observers_epoch", optional=True)
+        expect_int(freeze_bn_epoch, "freeze_bn_epoch", optional=True)
         if freeze_observers_epoch is not None:
             if key == "linear_int8":
                 raise ValueError(
@@ -175,21 +167,10 @@ class QuantizationAwareTraining(Callback):
                     f" {freeze_observers_epoch}: frozen before they observed anything, the activation ranges would"
                     " stay empty."
                 )
-        if example_input_shape is not None:
-            if not isinstance(example_input_shape, (list, tuple)) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in example_input_shape
-            ):
-                raise ValueError(
-                    "Expected `example_input_shape` to be a list of positive integers including the batch"
-                    f" dimension (e.g. [1, 3, 32, 32]), got {example_input_shape!r}."
-                )
-        for name, flag in (
-            ("convert_on_fit_end", convert_on_fit_end),
-            ("log_fake_quant_error", log_fake_quant_error),
-            ("verbose", verbose),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Expected `{name}` to be a bool, got {flag!r}.")
+        shape = expect_shape(example_input_shape, "example_input_shape")
+        expect_bool(convert_on_fit_end, "convert_on_fit_end")
+        expect_bool(log_fake_quant_error, "log_fake_quant_error")
+        expect_bool(verbose, "verbose")
 
         self.backend = key
         self.module = module
@@ -198,11 +179,11 @@ class QuantizationAwareTraining(Callback):
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.convert_on_fit_end = convert_on_fit_end
-        self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
+        self.example_input_shape = shape
         self.log_fake_quant_error = log_fake_quant_error
         self.verbose = verbose
 
-        self._impl: _Backend = _PT2EBackend() if key == "x86_pt2e" else _LinearInt8Backend()
+        self._impl: QuantizationBackend = make_backend(key)
         self._stage = "float"
         self._network_name: str | None = None
         self._example_shape: list[int] | None = None
@@ -279,7 +260,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_strategy(trainer, stage)
+        refuse_spawning_strategy(trainer, stage, "float model, which cannot hold the quantized structure")
         self._pl_module = pl_module
         if self._network_name is None:
             self._network_name = self._resolve_name(pl_module)
@@ -417,7 +398,7 @@ class QuantizationAwareTraining(Callback):
         # callable `map_location` is refused for them): store their plain inner tensors instead.
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
-            _flatten_tensor_subclasses_(state)
+            flatten_tensor_subclasses_(state)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -551,7 +532,7 @@ class QuantizationAwareTraining(Callback):
         with contextlib.suppress(RuntimeError):
             return self._example_inputs(pl_module, network, None)
         peeked = peek_training_inputs(trainer)
-        return None if peeked is None else peeked[:2].to(device_of(network, pl_module))
+        return None if peeked is None else peeked.to(device_of(network, pl_module))
 
     def _prepare_(self, pl_module: pl.LightningModule, network: nn.Module, example: Tensor) -> None:
         """Trace ``network`` and host its fake-quant version; the LightningModule is untouched on failure."""
@@ -651,7 +632,7 @@ class QuantizationAwareTraining(Callback):
             raise RuntimeError("The checkpoint's QAT state has no example input shape; it cannot be rebuilt.")
         network = self._current_network(pl_module)
         dtype = state.get("example_input_dtype") or "torch.float32"
-        example = _make_example(shape, dtype, device_of(network, pl_module))
+        example = make_example(shape, dtype, device_of(network, pl_module))
         self._prepare_(pl_module, network, example)
         self.load_state_dict(dict(state))
         if target == "converted":
@@ -665,7 +646,7 @@ class QuantizationAwareTraining(Callback):
             self._stage = "converted"
             weights = checkpoint.get("state_dict")
             if isinstance(weights, dict):
-                _unflatten_tensor_subclasses_(weights, pl_module)
+                unflatten_tensor_subclasses_(weights, pl_module)
         elif self._hosted is not None:
             self._impl.set_frozen(self._hosted, observers=self._observers_frozen, bn=self._bn_frozen)
         self._info(f"rebuilt the {target} structure of {self._describe_network()} from the checkpoint.")
@@ -729,14 +710,14 @@ class QuantizationAwareTraining(Callback):
     def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor:
         device = device_of(network, pl_module)
         if self.example_input_shape is not None:
-            return torch.randn(*self.example_input_shape, device=device)
+            return make_example(self.example_input_shape, device=device)
         if self._example_shape is not None:
-            return _make_example(self._example_shape, self._example_dtype, device)
+            return make_example(self._example_shape, self._example_dtype, device)
         example = pl_module.example_input_array
         if isinstance(example, Tensor):
             return example.to(device)
         if batch is not None:
-            return inputs_from_batch(batch)[:2].detach().to(device)
+            return example_from_batch(batch).to(device)
         raise RuntimeError(
             "QuantizationAwareTraining could not find example inputs; pass `example_input_shape` to the callback."
         )
@@ -744,7 +725,7 @@ class QuantizationAwareTraining(Callback):
     def _random_example(self, network: nn.Module) -> Tensor:
         if not self._example_shape:
             raise RuntimeError("QuantizationAwareTraining does not know the network's input shape yet.")
-        return _make_example(self._example_shape, self._example_dtype, device_of(network, self._pl_module))
+        return make_example(self._example_shape, self._example_dtype, device_of(network, self._pl_module))
 
     def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
         whole = not self._network_name or network is forward_network(pl_module) or self._stage != "float"
@@ -777,18 +758,6 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 f"Expected `start_step` to be below `max_steps`={max_steps}, got {self.start_step}: fake"
                 " quantization would never start."
-            )
-
-    def _check_strategy(self, trainer: pl.Trainer, stage: str) -> None:
-        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-        launcher = getattr(trainer.strategy, "launcher", None)
-        if stage == TrainerFn.FITTING and isinstance(launcher, _MultiProcessingLauncher):
-            raise ValueError(
-                "Expected a `strategy` that does not spawn worker processes (e.g. 'ddp'), got one with the"
-                f" {launcher._start_method!r} start method ('ddp_spawn', 'ddp_fork', 'ddp_notebook'): Lightning"
-                " copies the trained weights back into the main process's float model, which cannot hold the"
-                " quantized structure."
             )
 
     def _require_converted(self) -> nn.Module:
@@ -843,404 +812,8 @@ class QuantizationAwareTraining(Callback):
             rank_zero_info(f"QuantizationAwareTraining: {message}")
 
 
-# ---------------------------------------------------------------------- backends
-
-
-class _Backend:
-    """How one quantization flow prepares, freezes, converts and reverts a network."""
-
-    #: What to try when :meth:`prepare` fails on a network.
-    hint = ""
-
-    def check(self, network: nn.Module) -> None:
-        """Raise ``ValueError`` if the backend has nothing to quantize in ``network``."""
-
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
-        raise NotImplementedError
-
-    def convert(self, prepared: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def calibrate(self, prepared: nn.Module, example: Tensor) -> None:
-        """Give observers a shape (their values come from the checkpoint) before a rebuild's conversion."""
-
-    def set_frozen(self, prepared: nn.Module, *, observers: bool, bn: bool) -> None:
-        raise NotImplementedError
-
-    def float_forward(
-        self,
-        prepared: nn.Module | None,
-        float_network: nn.Module | None,
-        pl_module: pl.LightningModule,
-        inputs: Tensor,
-    ) -> Tensor:
-        raise NotImplementedError
-
-    def revert(self, hosted: nn.Module, float_network: nn.Module | None) -> nn.Module:
-        raise NotImplementedError
-
-    def qparams(self, converted: nn.Module) -> dict[str, dict[str, float | int]]:
-        return {}
-
-    def apply_qparams(self, converted: nn.Module, qparams: Mapping[str, Mapping[str, Any]]) -> None:
-        """Put back the values a conversion bakes into the program instead of its state_dict."""
-
-
-class _PT2EBackend(_Backend):
-    hint = (
-        "The network's forward must be exportable with `torch.export` (one tensor in, no data-dependent"
-        " Python control flow); to quantize only a part, name it with `module=...`; for Linear/Embedding"
-        " networks use backend='linear_int8'."
-    )
-
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-        # QAT traces BatchNorm in its training form (batch statistics, folded into the conv at conversion)
-        # and every other layer as at inference, so that no dropout or drop-path reaches the int8 program.
-        with inference_mode_except_batch_norm(network):
-            program = export_with_dynamic_batch(network, example)
-        graph = program.module()
-        separate_repeated_module_calls_(graph)
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
-        prepared = prepare_qat_pt2e(graph, quantizer)
-        make_exported_train_eval_(prepared)
-        prepared._hybridcomp_observers_frozen = False  # type: ignore[assignment]
-        prepared._hybridcomp_calibrating = False  # type: ignore[assignment]
-        prepared.register_forward_pre_hook(_sync_observers_hook)
-        prepared.train()
-        return prepared
-
-    def convert(self, prepared: nn.Module) -> nn.Module:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-        if not isinstance(prepared, GraphModule):
-            raise TypeError(f"Expected a prepared PT2E GraphModule, got {type(prepared).__name__}.")
-        make_exported_train_eval_(prepared)
-        prepared.eval()
-        with _conv_bn_folding_limited_to_present_convs(prepared):
-            converted = convert_pt2e(prepared)
-        make_exported_train_eval_(converted)
-        strip_unused_attributes_(converted)
-        converted.eval()
-        check_deterministic(converted, "The converted int8 network")
-        for param in converted.parameters():
-            param.requires_grad_(False)
-        return converted
-
-    def calibrate(self, prepared: nn.Module, example: Tensor) -> None:
-        prepared.eval()
-        prepared._hybridcomp_calibrating = True  # type: ignore[assignment]
-        try:
-            with torch.no_grad():
-                prepared(example)
-        finally:
-            prepared._hybridcomp_calibrating = False  # type: ignore[assignment]
-
-    def set_frozen(self, prepared: nn.Module, *, observers: bool, bn: bool) -> None:
-        prepared._hybridcomp_observers_frozen = observers  # type: ignore[assignment]
-        if isinstance(prepared, GraphModule) and bn != getattr(prepared, "_hybridcomp_frozen_bn", False):
-            set_exported_bn_frozen_(prepared, bn)
-
-    def float_forward(
-        self,
-        prepared: nn.Module | None,
-        float_network: nn.Module | None,
-        pl_module: pl.LightningModule,
-        inputs: Tensor,
-    ) -> Tensor:
-        # The prepared graph shares the float network's parameters and BN buffers, so this is the same model
-        # without fake quantization.
-        if float_network is None or float_network is pl_module:
-            with training_mode(pl_module, False):
-                return type(pl_module).forward(pl_module, inputs)
-        float_network.eval()
-        return float_network(inputs)
-
-    def revert(self, hosted: nn.Module, float_network: nn.Module | None) -> nn.Module:
-        if float_network is None:
-            raise RuntimeError("QuantizationAwareTraining lost the float network it replaced.")
-        return float_network
-
-    def qparams(self, converted: nn.Module) -> dict[str, dict[str, float | int]]:
-        assert isinstance(converted, GraphModule)
-        values: dict[str, dict[str, float | int]] = {}
-        for node in converted.graph.nodes:
-            if node.op == "call_function" and "quantized_decomposed" in str(node.target):
-                literals = {
-                    str(i): a
-                    for i, a in enumerate(node.args)
-                    if isinstance(a, (int, float)) and not isinstance(a, bool)
-                }
-                if literals:
-                    values[node.name] = literals
-        return values
-
-    def apply_qparams(self, converted: nn.Module, qparams: Mapping[str, Mapping[str, Any]]) -> None:
-        assert isinstance(converted, GraphModule)
-        nodes = {n.name: n for n in converted.graph.nodes}
-        missing = sorted(set(qparams) - set(nodes))
-        if missing:
-            raise RuntimeError(
-                f"The checkpoint's int8 program does not match the rebuilt one (missing nodes {missing[:5]}); was it"
-                " written by another version of the network?"
-            )
-        for name, literals in qparams.items():
-            args = list(nodes[name].args)
-            for index, value in literals.items():
-                args[int(index)] = value
-            nodes[name].args = tuple(args)
-        converted.recompile()
-
-
-class _LinearInt8Backend(_Backend):
-    hint = "For convolutional networks use backend='x86_pt2e'."
-
-    def check(self, network: nn.Module) -> None:
-        if not any(type(m) in (nn.Linear, nn.Embedding) for m in network.modules()):
-            raise ValueError(
-                f"Expected the network ({type(network).__name__}) to contain nn.Linear or nn.Embedding layers for"
-                " backend 'linear_int8', found none. Use backend='x86_pt2e' for convolutional networks."
-            )
-
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
-        from torchao.quantization import (
-            Int8DynamicActivationIntxWeightConfig,
-            IntxWeightOnlyConfig,
-            PerAxis,
-            quantize_,
-        )
-        from torchao.quantization.qat import QATConfig
-
-        self.check(network)
-        others = [type(m).__name__ for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        if others:
-            rank_zero_warn(
-                f"QuantizationAwareTraining: backend 'linear_int8' quantizes Linear and Embedding only; {len(others)}"
-                " convolution layers stay fp32. Use backend='x86_pt2e' to quantize them too."
-            )
-        holder = _Holder(network)
-        linear_base = Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int8, weight_granularity=PerAxis(0)
-        )
-        quantize_(holder, QATConfig(linear_base, step="prepare"), filter_fn=_is_plain(nn.Linear))
-        embedding_base = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-        quantize_(holder, QATConfig(embedding_base, step="prepare"), filter_fn=_is_plain(nn.Embedding))
-        return holder.network
-
-    def convert(self, prepared: nn.Module) -> nn.Module:
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            IntxWeightOnlyConfig,
-            MappingType,
-            PerAxis,
-            quantize_,
-        )
-
-        holder = _Holder(self._to_float_modules(prepared))
-        # Asymmetric per-token activations and symmetric per-channel weights, as the fake quantizers simulated.
-        config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
-        quantize_(holder, config, filter_fn=_is_plain(nn.Linear))
-        embedding = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-        quantize_(holder, embedding, filter_fn=_is_plain(nn.Embedding))
-        holder.network.eval()
-        for param in holder.network.parameters():
-            param.requires_grad_(False)
-        return holder.network
-
-    def set_frozen(self, prepared: nn.Module, *, observers: bool, bn: bool) -> None:
-        if bn:
-            for module in prepared.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-
-    def float_forward(
-        self,
-        prepared: nn.Module | None,
-        float_network: nn.Module | None,
-        pl_module: pl.LightningModule,
-        inputs: Tensor,
-    ) -> Tensor:
-        assert prepared is not None
-        with _fake_quantizers_disabled(prepared):
-            return prepared(inputs)
-
-    def revert(self, hosted: nn.Module, float_network: nn.Module | None) -> nn.Module:
-        network = self._to_float_modules(hosted)
-        for module in network.modules():
-            weight = getattr(module, "weight", None)
-            if (
-                isinstance(module, (nn.Linear, nn.Embedding))
-                and weight is not None
-                and type(weight) is not nn.Parameter
-            ):
-                # int8 data cannot become fp32 weights again; the checkpoint about to load provides them.
-                module.weight = nn.Parameter(torch.zeros(weight.shape, device=weight.device))
-        return network
-
-    @staticmethod
-    def _to_float_modules(prepared: nn.Module) -> nn.Module:
-        from torchao.quantization import quantize_
-        from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
-
-        holder = _Holder(prepared)
-        quantize_(
-            holder,
-            QATConfig(step="convert"),
-            filter_fn=lambda m, _: isinstance(m, (FakeQuantizedLinear, FakeQuantizedEmbedding)),
-        )
-        return holder.network
-
-
-class _Holder(nn.Module):
-    """A parent for the network, so that torchao's module swaps also reach a root Linear/Embedding."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-
-def _is_plain(kind: type[nn.Module]) -> Callable[[nn.Module, str], bool]:
-    return lambda module, fqn: type(module) is kind
-
-
-@contextlib.contextmanager
-def _fake_quantizers_disabled(network: nn.Module) -> Iterator[None]:
-    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
-
-    quantizers = [m for m in network.modules() if isinstance(m, FakeQuantizerBase)]
-    states = [q.enabled for q in quantizers]
-    for q in quantizers:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for q, state in zip(quantizers, states):
-            q.enabled = state
-
-
-@contextlib.contextmanager
-def _conv_bn_folding_limited_to_present_convs(graph_module: GraphModule) -> Iterator[None]:
-    """Skip convert_pt2e's conv-BN folding searches for convolution kinds the graph does not contain.
-
-    The folding exports 24 pattern graphs for each of conv1d, conv2d, conv_transpose1d and
-    conv_transpose2d (about 10 s on a CPU core) whatever the model holds; a conv2d net needs a quarter.
-    """
-    import torch.nn.functional as F
-
-    try:
-        from torchao.quantization.pt2e import qat_utils
-    except ImportError:  # another torchao layout: keep its own behaviour
-        yield
-        return
-    helper = getattr(qat_utils, "_fold_conv_bn_qat_helper", None)
-    present = {
-        n.target._opname
-        for n in graph_module.graph.nodes
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-    }
-    if helper is None or present & {"convolution", "_convolution"}:
-        yield
-        return
-    kinds = {
-        F.conv1d: "conv1d",
-        F.conv2d: "conv2d",
-        F.conv_transpose1d: "conv_transpose1d",
-        F.conv_transpose2d: "conv_transpose2d",
-    }
-
-    def fold_present_only(m: GraphModule, conv_fn: Any, example_inputs: Any, is_cuda: bool) -> GraphModule:
-        kind = kinds.get(conv_fn)
-        if kind is not None and kind not in present:
-            return m
-        return helper(m, conv_fn, example_inputs, is_cuda=is_cuda)
-
-    qat_utils._fold_conv_bn_qat_helper = fold_present_only
-    try:
-        yield
-    finally:
-        qat_utils._fold_conv_bn_qat_helper = helper
-
-
-def _sync_observers_hook(module: nn.Module, args: Any) -> None:
-    """Observers learn activation ranges in training only (not from validation data), unless frozen."""
-    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
-
-    enabled = getattr(module, "_hybridcomp_calibrating", False) or (
-        module.training and not getattr(module, "_hybridcomp_observers_frozen", False)
-    )
-    for child in module.modules():
-        if isinstance(child, FakeQuantizeBase) and bool(child.observer_enabled[0]) != enabled:
-            child.observer_enabled[0] = int(enabled)
-
-
 def _hosted_forward(self: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
     return getattr(self, _HOST_NAME)(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-_INNER_SEP = "::"
-
-
-def _is_tensor_subclass(value: Any) -> bool:
-    return (
-        isinstance(value, Tensor)
-        and type(value) not in (Tensor, nn.Parameter)
-        and hasattr(value, "__tensor_flatten__")
-    )
-
-
-def _flatten_tensor_subclasses_(state: dict[str, Any]) -> None:
-    """Replace each tensor-subclass entry ``k`` by its plain inner tensors ``k::<name>``."""
-    for key, value in list(state.items()):
-        if not _is_tensor_subclass(value):
-            continue
-        names, _ = value.__tensor_flatten__()
-        for name in names:
-            inner = getattr(value, name)
-            if _is_tensor_subclass(inner):
-                raise RuntimeError(f"Cannot checkpoint {key!r}: its {name!r} is itself a tensor subclass.")
-            state[f"{key}{_INNER_SEP}{name}"] = inner.detach()
-        del state[key]
-
-
-def _unflatten_tensor_subclasses_(state: dict[str, Any], pl_module: pl.LightningModule) -> None:
-    """Load ``k::<name>`` entries into the rebuilt module's subclass tensors and put those back as ``k``."""
-    if not any(_INNER_SEP in key for key in state):
-        return
-    with torch.no_grad():
-        for key, tensor in pl_module.state_dict(keep_vars=True).items():
-            if not _is_tensor_subclass(tensor):
-                continue
-            names, _ = tensor.__tensor_flatten__()
-            for name in names:
-                source = state.pop(f"{key}{_INNER_SEP}{name}", None)
-                if source is None:
-                    raise RuntimeError(f"The checkpoint has no {name!r} data for the int8 tensor {key!r}.")
-                getattr(tensor, name).copy_(source)
-            state[key] = tensor
-
-
-def _check_epoch(value: Any, name: str, *, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        options = "a non-negative integer or None" if optional else "a non-negative integer"
-        raise ValueError(f"Expected `{name}` to be {options}, got {value!r}.")
-
-
-def _make_example(shape: list[int], dtype: str, device: torch.device) -> Tensor:
-    """Random inputs of a recorded shape and dtype (zeros for integer inputs: valid embedding indices)."""
-    torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise RuntimeError(f"Unknown example input dtype {dtype!r} in the QAT state.")
-    if torch_dtype.is_floating_point:
-        return torch.randn(*shape, device=device, dtype=torch_dtype)
-    return torch.zeros(*shape, device=device, dtype=torch_dtype)
 
 
 def _costs(network: nn.Module, sample: Tensor) -> dict[str, int]:

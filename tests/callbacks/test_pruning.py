@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hybridcomp._io import UnreadableCheckpointError
-from lightning_hybridcomp._lightning import optimizer_parameters, unwrap_optimizer
-from lightning_hybridcomp.callbacks._pruning_utils import apply_structure_, example_from_spec
+from lightning_hybridcomp._lightning import make_example, optimizer_parameters, unwrap_optimizer
+from lightning_hybridcomp.callbacks.contracts import StructuralCompression
+from lightning_hybridcomp.callbacks.pruned_checkpoints import STATE_NAME, apply_structure_
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning, load_pruned_model
 from lightning_hybridcomp.models import build_backbone
 from tests._helpers import ClassifierSteps, fast_trainer, random_classification_data, run_ddp_script
@@ -674,10 +675,17 @@ def test_load_pruned_model_bad_input(tmp_path: Path) -> None:
 
 def test_private_guards() -> None:
     with pytest.raises(ValueError, match="torch dtype name"):
-        example_from_spec([1, 2], "torch.notatype", torch.device("cpu"))
+        make_example([1, 2], "torch.notatype", torch.device("cpu"))
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     apply_structure_(net, [["0", True, [0, 1]]], torch.zeros(1, 4))
     assert net[0].out_features == 6 and net[2].in_features == 6
     assert apply_structure_(net, [["0", True, [0, 1]]], torch.zeros(1, 4)) == 0  # idempotent
     with pytest.raises(RuntimeError, match="cannot be restored in place"):
         apply_structure_(net, [["0", True, [2]]], torch.zeros(1, 4))
+
+
+def test_the_callback_fulfils_the_contract_quantization_reads() -> None:
+    pruning = StructuredPruning()
+    assert isinstance(pruning, StructuralCompression)
+    # Checkpoints find the callback's state under its class name.
+    assert pruning.state_key == STATE_NAME == StructuredPruning.__qualname__
