@@ -187,9 +187,11 @@ class StructuredPruning(Callback):
         expect_int(start_epoch, "start_epoch")
         expect_int(epochs_between_steps, "epochs_between_steps", low=1)
         if isinstance(importance, str):
-            expect_choice(
-                importance, "importance", IMPORTANCE_NAMES, hint="Or pass a torch-pruning Importance."
-            )
+            if importance.lower() not in IMPORTANCE_NAMES:
+                raise ValueError(
+                    f"Expected `importance` to be a torch-pruning Importance instance or one of {IMPORTANCE_NAMES},"
+                    f" got {importance!r}."
+                )
         elif not isinstance(importance, tp.importance.Importance):
             raise TypeError(
                 f"Expected `importance` to be a name or a `torch_pruning.importance.Importance` instance, got"
