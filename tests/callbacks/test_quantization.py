@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from lightning_hybridcomp.artifacts import load_artifact
+from lightning_hybridcomp.callbacks.contracts import StructuralCompression
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import build_backbone
@@ -657,18 +658,24 @@ def test_start_step_beyond_max_steps(digits: DigitsDataModule, tmp_path: Path) -
 
 
 class _FakePruning(Callback):
-    """Duck-typed pruning whose last step falls after the last epoch."""
+    """A user's own structural callback (the StructuralCompression contract) whose last step falls late."""
 
+    network = ""
     last_step_epoch = 3
     finished = False
+    step_label = "prune:fake"
 
     def restore_structure_(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any = None
     ) -> None:
         pass
 
+    def preview_network(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module | None:
+        return None
+
 
 def test_start_after_pruning_beyond_max_epochs(digits: DigitsDataModule, tmp_path: Path) -> None:
+    assert isinstance(_FakePruning(), StructuralCompression)
     with pytest.raises(ValueError, match="would start at epoch 3"):
         _fit(
             DigitsCNN(width=4), [_FakePruning(), QuantizationAwareTraining()], tmp_path, digits, max_epochs=2
