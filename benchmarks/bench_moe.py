@@ -26,7 +26,6 @@ import torch
 from _common import add_out_argument, benchmark_trainer, run_config, write_result
 from torch import Tensor, nn
 
-from lightning_hybridcomp.artifacts import export_with_dynamic_batch
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning, load_pruned_model
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import ImageClassifier
@@ -37,6 +36,7 @@ from lightning_hybridcomp.profiling import (
     measure_latency,
     serialized_size,
 )
+from lightning_hybridcomp.programs import export_with_dynamic_batch
 
 # (pruning ratio, importance) per expert: different sizes and different views of which channels matter.
 EXPERTS = [(0.5, "l2"), (0.6, "l1"), (0.7, "fpgm"), (0.8, "lamp")]

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from lightning_hybridcomp.artifacts import (
     compile_artifact,
-    export_with_dynamic_batch,
     load_artifact,
     save_artifact,
 )
@@ -41,6 +40,7 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import ImageClassifier
 from lightning_hybridcomp.profiling import format_table, measure_latency, serialized_size
+from lightning_hybridcomp.programs import export_with_dynamic_batch
 
 
 def _datamodule(args: argparse.Namespace) -> DigitsDataModule:
