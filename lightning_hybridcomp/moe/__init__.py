@@ -1,6 +1,7 @@
 """Mixture of Experts over compressed classifiers: a learned top-k gate and sparse per-sample dispatch."""
 
 from lightning_hybridcomp.moe.gate import (
+    Gate,
     GateNetwork,
     TopKGating,
     dense_gates,
@@ -10,12 +11,15 @@ from lightning_hybridcomp.moe.gate import (
     routing_mask,
     top_k_gate,
 )
+from lightning_hybridcomp.moe.metrics import RoutingStatistics
 from lightning_hybridcomp.moe.module import DispatchResult, MoELightningModule, load_moe
 
 __all__ = [
     "DispatchResult",
+    "Gate",
     "GateNetwork",
     "MoELightningModule",
+    "RoutingStatistics",
     "TopKGating",
     "dense_gates",
     "importance_loss",

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lightning_hybridcomp.moe.gate import (
+    Gate,
     GateNetwork,
+    check_gate_output,
     dense_gates,
     importance_loss,
     load_balancing_loss,
@@ -157,3 +159,22 @@ def test_gate_network_starts_uniform_and_noises_only_in_training():
     torch.testing.assert_close(noise, torch.full((5, 3), math.log(2.0)))  # softplus(0)
     logits_small, _ = gate.eval()(torch.randn(2, 1, 8, 8))  # input_size makes any resolution work
     assert logits_small.shape == (2, 3)
+
+
+def test_gate_network_follows_the_gate_contract():
+    gate = GateNetwork(in_channels=1, num_experts=2, channels=4)
+    assert isinstance(gate, Gate) and gate.num_experts == 2
+    check_gate_output(gate, torch.zeros(3, 1, 8, 8), 2)  # (logits, None) in eval mode is the contract
+    assert gate.training  # checked in eval mode, left in its own mode
+
+
+def test_gate_subclass_must_implement_forward_and_follow_the_contract():
+    with pytest.raises(NotImplementedError, match="Gate must implement `forward"):
+        Gate(num_experts=2)(torch.zeros(1, 4))
+
+    class LogitsOnly(Gate):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return x.flatten(1)[:, :2]
+
+    with pytest.raises(ValueError, match=r"Expected the gate LogitsOnly to return \(logits, noise_std\)"):
+        check_gate_output(LogitsOnly(2), torch.zeros(3, 1, 2, 2), 2)

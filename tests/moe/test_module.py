@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from lightning_hybridcomp.artifacts import save_artifact
 from lightning_hybridcomp.data import DigitsDataModule
-from lightning_hybridcomp.moe.gate import routing_mask, top_k_gate
+from lightning_hybridcomp.moe.gate import Gate, GateNetwork, routing_mask, top_k_gate
 from lightning_hybridcomp.moe.module import MoELightningModule, load_moe
-from lightning_hybridcomp.profiling import count_macs_and_params
+from lightning_hybridcomp.profiling import count_macs, count_macs_and_params
 from tests._helpers import fast_trainer, random_classification_data, run_ddp_script
 
 IMAGE = [1, 8, 8]
@@ -348,6 +348,39 @@ def test_checkpoint_round_trip_without_expert_classes(fitted, digits, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
 
 
+def test_load_from_checkpoint_rebuilds_the_moe_from_the_checkpoint_alone(fitted, digits, tmp_path):
+    moe, trainer = fitted
+    path = tmp_path / "moe.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert "experts" not in hparams and hparams["gate"] == "cnn"
+    assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in hparams.values())
+    x = digits.val_set.tensors[0]
+    moe.eval()
+    with torch.no_grad():
+        expected = moe(x)
+        for loaded in (
+            MoELightningModule.load_from_checkpoint(path, weights_only=True).eval(),
+            MoELightningModule.load_from_checkpoint(
+                path
+            ).eval(),  # Lightning 2.6 reads weights only by default
+            load_moe(path),
+        ):
+            assert torch.equal(loaded(x), expected)
+            assert loaded.expert_names == moe.expert_names and loaded.expert_macs == moe.expert_macs
+            assert loaded.gate_macs == moe.gate_macs and loaded.total_params() == moe.total_params()
+            assert loaded.expert_sizes == moe.expert_sizes and loaded.total_bytes() == moe.total_bytes()
+
+
+def test_moe_without_experts_waits_for_a_checkpoint():
+    unbuilt = MoELightningModule(input_shape=IMAGE)
+    with pytest.raises(RuntimeError, match=r"created without `experts`.*load_from_checkpoint\(path\)"):
+        unbuilt(torch.randn(2, *IMAGE))
+    with pytest.raises(ValueError, match="Expected the checkpoint to be a MoELightningModule checkpoint"):
+        unbuilt.on_load_checkpoint({"state_dict": {}})
+
+
 def _loader(n_batches: int = 3) -> DataLoader:
     return DataLoader(random_classification_data(n_batches * 16, IMAGE), batch_size=16, shuffle=False)
 
@@ -411,6 +444,9 @@ def test_load_moe_rejects_bad_files(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[:-40])
     with pytest.raises(ValueError, match=r"Could not read the MoE checkpoint `path` '.*cut.ckpt'"):
         load_moe(tmp_path / "cut.ckpt")
+    torch.save({"state_dict": {}, "moe": {"experts": [], "format_version": 2}}, tmp_path / "newer.ckpt")
+    with pytest.raises(ValueError, match=r"newer.ckpt' was written by a newer lightning_hybridcomp"):
+        load_moe(tmp_path / "newer.ckpt")
 
 
 def test_load_moe_refuses_pickled_programs(tmp_path):
@@ -449,12 +485,15 @@ def test_gate_on_expert_features(digits, tmp_path):
     x = digits.val_set.tensors[0][:32]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)
+        lightning_loaded = MoELightningModule.load_from_checkpoint(tmp_path / "feat.ckpt").eval()
+        assert torch.equal(lightning_loaded(x), moe(x))
+    assert lightning_loaded.gate_macs == moe.gate_macs
 
 
 def test_user_gate_module_round_trips_through_an_exported_gate(digits, tmp_path):
     gate = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     moe = MoELightningModule(_random_experts(), top_k=1, eval_top_k=1, input_shape=IMAGE, gate=gate)
-    assert moe.gate_macs == 64 * 3 + 3
+    assert moe.gate_macs == 64 * 3  # count_macs: the linear layer's multiply-accumulates, no bias adds
     trainer = fast_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(moe, digits)
     trainer.save_checkpoint(tmp_path / "user_gate.ckpt")
@@ -465,6 +504,64 @@ def test_user_gate_module_round_trips_through_an_exported_gate(digits, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)
         assert torch.all(loaded(x).exp().sum(-1) <= 1 + 1e-6)  # top-1 keeps the raw probability
+        lightning_loaded = MoELightningModule.load_from_checkpoint(tmp_path / "user_gate.ckpt").eval()
+        assert torch.equal(lightning_loaded(x), moe(x))
+    assert lightning_loaded.gate_macs == moe.gate_macs
+
+
+def test_gate_network_as_gate_is_the_cnn_gate_with_its_own_weights(digits, tmp_path):
+    torch.manual_seed(0)
+    gate = GateNetwork(in_channels=1, num_experts=3, channels=4, input_size=4)
+    moe = MoELightningModule(_random_experts(), top_k=2, input_shape=IMAGE, gate=gate, learning_rate=1e-2)
+    assert moe.gate is gate
+    assert [moe.hparams[k] for k in ("gate", "gate_channels", "gate_input_size")] == ["cnn", 4, 4]
+    assert moe.gate_macs == count_macs(gate, torch.randn(1, *IMAGE))
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(moe, digits)
+    assert gate.w_gate.weight.abs().sum() > 0  # the user's gate network trained in place
+    moe.eval()
+    x = digits.val_set.tensors[0][:32]
+    with torch.no_grad():  # routed by the network's own logits
+        gating = top_k_gate(gate(x)[0], 2)
+        torch.testing.assert_close(moe(x).exp(), moe.dense_reference(x, gating), rtol=1e-5, atol=1e-6)
+    trainer.save_checkpoint(tmp_path / "gate_network.ckpt")
+    with torch.no_grad():
+        for loaded in (
+            load_moe(tmp_path / "gate_network.ckpt"),
+            MoELightningModule.load_from_checkpoint(tmp_path / "gate_network.ckpt").eval(),
+        ):
+            assert type(loaded.gate) is GateNetwork and loaded.gate.channels == 4
+            assert torch.equal(loaded(x), moe(x))
+
+
+class LinearGate(Gate):
+    """A user Gate: deterministic logits from one linear layer, never noisy."""
+
+    def __init__(self, num_experts: int = 3) -> None:
+        super().__init__(num_experts)
+        self.linear = nn.Linear(64, num_experts)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.linear(x.flatten(1)), None
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_gate_subclass_is_used_as_it_is_and_passed_again_to_load(tmp_path):
+    with pytest.warns(UserWarning, match="checkpoints do not hold the gate LinearGate"):
+        moe = MoELightningModule(_random_experts(), top_k=2, input_shape=IMAGE, gate=LinearGate())
+    assert isinstance(moe.gate, LinearGate) and moe.gate_macs == 64 * 3
+    trainer = fast_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(moe, _loader(2))
+    trainer.save_checkpoint(tmp_path / "linear_gate.ckpt")
+    for load in (load_moe, MoELightningModule.load_from_checkpoint):
+        with pytest.raises(ValueError, match="trained with a gate module that could not be exported"):
+            load(tmp_path / "linear_gate.ckpt")
+    x = torch.randn(8, *IMAGE)
+    moe.eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="checkpoints do not hold"):
+        assert torch.equal(load_moe(tmp_path / "linear_gate.ckpt", gate=LinearGate())(x), moe(x))
+        loaded = MoELightningModule.load_from_checkpoint(tmp_path / "linear_gate.ckpt", gate=LinearGate())
+        assert torch.equal(loaded.eval()(x), moe(x))
 
 
 def test_unfrozen_experts_fine_tune_but_int8_experts_stay_frozen(digits):
@@ -485,7 +582,7 @@ def test_unfrozen_experts_fine_tune_but_int8_experts_stay_frozen(digits):
     )
     original = {k: v.clone() for k, v in fp32.state_dict().items()}
     moe = MoELightningModule([fp32, int8], top_k=2, input_shape=IMAGE, freeze_experts=False)
-    assert moe._expert_quantized == [False, True]
+    assert [e.quantized for e in moe.expert_records] == [False, True]
     assert all(p.requires_grad for p in moe.experts[0].parameters())
     assert not any(p.requires_grad for p in moe.experts[1].parameters())
     before = [{k: v.clone() for k, v in e.state_dict().items()} for e in moe.experts]
@@ -600,6 +697,22 @@ def _experts_with(*extra: nn.Module) -> list[nn.Module]:
         (dict(gate_channels=0), ValueError, r"Expected `gate_channels` to be an integer >= 1"),
         (dict(gate_input_size=0), ValueError, r"Expected `gate_input_size` to be an integer >= 1"),
         (dict(gate="mlp"), ValueError, "Expected `gate` to be one of 'cnn'"),
+        (dict(gate="module"), ValueError, "Expected `gate` to be one of 'cnn'"),
+        (
+            dict(gate="expert:0", gate_channels=16),
+            ValueError,
+            r"Expected `gate_channels` only with gate='cnn'.*got gate_channels=16 with gate='expert:0'",
+        ),
+        (
+            dict(gate="expert:1", gate_input_size=4),
+            ValueError,
+            r"Expected `gate_input_size` only with gate='cnn'",
+        ),
+        (
+            dict(gate=GateNetwork(1, 2), gate_input_size=4),
+            ValueError,
+            "only with gate='cnn'.*a GateNetwork passed as `gate` has its own",
+        ),
         (dict(gate="expert:7"), ValueError, "expert index must be below the number of experts"),
         (dict(gate=3), TypeError, "Expected `gate` to be one of"),
         (dict(input_shape=None), ValueError, "Expected `input_shape`"),
@@ -688,3 +801,20 @@ def test_gate_module_with_wrong_output_is_an_error():
         )
     with pytest.raises(ValueError, match="The gate module does not accept inputs"):
         MoELightningModule(_experts_with(), input_shape=IMAGE, gate=nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="The gate module does not accept inputs"):
+        MoELightningModule(_experts_with(), input_shape=IMAGE, gate=GateNetwork(in_channels=3, num_experts=2))
+    with pytest.raises(
+        ValueError,
+        match=r"Expected the gate GateNetwork to return \(logits, noise_std\) with logits of shape \[batch, 2\]",
+    ):
+        MoELightningModule(_experts_with(), input_shape=IMAGE, gate=GateNetwork(in_channels=1, num_experts=5))
+
+
+def test_cnn_gate_options_at_their_defaults_go_with_any_gate():
+    # Configurations that spell out the defaults keep working with the other gates.
+    moe = MoELightningModule(
+        _experts_with(), input_shape=IMAGE, gate="expert:1", gate_channels=8, gate_input_size=None
+    )
+    assert moe.hparams["gate"] == "expert:1"
+    cnn = MoELightningModule(_experts_with(), input_shape=IMAGE, gate_channels=4, gate_input_size=4)
+    assert isinstance(cnn.gate, GateNetwork) and (cnn.gate.channels, cnn.gate.input_size) == (4, 4)
