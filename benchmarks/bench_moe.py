@@ -4,7 +4,7 @@ Trains the uncompressed SmallCNN, prunes four copies with ``StructuredPruning`` 
 importance criteria, fine-tuned with different seeds), trains a top-2 gate over their checkpoints and
 compares: the uncompressed model, the best single expert (chosen on validation), the dense average of all
 experts, and the MoE routed at k = 1 and k = 2 (one gate, trained at k = 2). Accuracy is on the test
-split; MACs are per sample (torch-pruning's counter); bytes are ``state_dict`` bytes; latency is the
+split; MACs are per sample (``profiling.count_macs``); bytes are ``state_dict`` bytes; latency is the
 median CPU time for one batch of 64 in one run. Every model runs as the same kind of exported graph.
 
 Run::
