@@ -45,6 +45,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _METADATA_FILE = "hybridcomp.json"
+#: The one suffix of artifact files: :func:`save_artifact` and :func:`load_artifact` refuse others, so that
+#: whatever dispatches on file names (the Mixture of Experts, the pipeline) agrees with what they accept.
+SUFFIX = ".pt2"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class ArtifactMetadata:
         size_bytes: bytes of the artifact file.
         steps: compression steps applied, in order, e.g. ``("prune:l2:0.5", "qat:x86_pt2e")``.
         extra: free-form JSON-able information; ``extra["ops"]`` counts the program's operators.
+        input_dtype: dtype of the input the program takes, e.g. ``"float32"`` (``"int64"`` for token
+            ids); ``None`` only in metadata read from a file written before it was recorded, which
+            :func:`load_artifact` fills in from the program.
     """
 
     format_version: int
@@ -77,6 +83,7 @@ class ArtifactMetadata:
     size_bytes: int
     steps: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    input_dtype: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -95,6 +102,7 @@ class ArtifactMetadata:
             size_bytes=int(raw["size_bytes"]),
             steps=tuple(str(s) for s in raw.get("steps", ())),
             extra=dict(raw.get("extra", {})),
+            input_dtype=None if raw.get("input_dtype") is None else str(raw["input_dtype"]),
         )
 
 
@@ -104,7 +112,9 @@ class LoadedArtifact:
 
     Attributes:
         module: the program as a module in eval mode, callable on a batch of any size; ``.eval()`` and
-            ``.train()`` work (they only switch batch-norm and dropout).
+            ``.train()`` work (they only switch batch-norm and dropout). It checks its input first: a
+            tensor of another dtype or sample shape than ``metadata`` records raises a ``ValueError``
+            naming both, anything but one tensor a ``TypeError``.
         metadata: what :func:`save_artifact` recorded.
         program: the underlying ``torch.export.ExportedProgram``.
     """
@@ -117,7 +127,7 @@ class LoadedArtifact:
 def save_artifact(
     model: nn.Module,
     path: str | os.PathLike[str],
-    example_inputs: Tensor,
+    example_inputs: Tensor | None = None,
     *,
     steps: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
@@ -133,16 +143,18 @@ def save_artifact(
 
     Args:
         model: the network to save.
-        path: destination file; ``.pt2`` is the conventional suffix. Parent folders are created.
-        example_inputs: one batch of inputs of the shape the model expects (any batch size).
+        path: destination file, ending in ``.pt2``. Parent folders are created.
+        example_inputs: one batch of inputs of the shape and dtype the model expects (any batch size);
+            defaults to the model's ``example_input_array`` (a LightningModule's) when that is a tensor.
         steps: compression steps applied to the model, recorded in the metadata.
         extra: additional JSON-able information to record.
         architecture: name to record; defaults to the model's class name.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor, or ``extra``
-            not JSON-able.
-        ValueError: if the model cannot be exported; the message carries ``torch.export``'s reason.
+        TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor (or not given
+            for a model without a tensor ``example_input_array``), or ``extra`` not JSON-able.
+        ValueError: if ``path`` does not end in ``.pt2``; if the model cannot be exported, with
+            ``torch.export``'s reason.
             A ``NondeterministicProgramError`` (a ``ValueError``) if the exported program still draws
             random numbers (e.g. ``F.dropout(x, p)`` without ``training=self.training``); nothing is written.
 
@@ -157,6 +169,7 @@ def save_artifact(
         >>> meta.input_shape, meta.num_classes, meta.dtype, meta.macs, out.shape
         ((1, 8, 8), 10, 'float32', 2736, torch.Size([5, 10]))
     """
+    _check_suffix(path)
     data, metadata = build_artifact(
         model, example_inputs, steps=steps, extra=extra, architecture=architecture
     )
@@ -166,7 +179,7 @@ def save_artifact(
 
 def build_artifact(
     model: nn.Module,
-    example_inputs: Tensor,
+    example_inputs: Tensor | None = None,
     *,
     steps: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
@@ -175,6 +188,8 @@ def build_artifact(
     """The bytes of ``model``'s artifact and its metadata, without writing a file."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
+    if example_inputs is None:
+        example_inputs = _default_example(model)
     if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:
         raise TypeError(
             "Expected `example_inputs` to be a tensor with a batch dimension, got"
@@ -209,6 +224,7 @@ def build_artifact(
         size_bytes=0,
         steps=tuple(str(s) for s in steps),
         extra=extra_dict,
+        input_dtype=_dtype_name(example_inputs.dtype),
     )
     # The size is stored inside the file it measures: iterate until the digits stop changing.
     data = b""
@@ -228,9 +244,13 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
     deserialized: only plain tensor payloads, JSON and registered operators are accepted, so nothing is
     unpickled.
 
+    The returned module checks what it is called with against the metadata (dtype, and the shape of one
+    sample; the batch dimension is free) and raises a ``ValueError`` saying what it expected and what it
+    got, where the program itself would fail with a bare error of ``torch.export``'s guards.
+
     Raises:
-        ValueError: if the file is missing, truncated, corrupt, not an artifact of this package, or
-            contains pickled objects; the message names the path.
+        ValueError: if the path does not end in ``.pt2``; if the file is missing, truncated, corrupt, not
+            an artifact of this package, or contains pickled objects; the message names the path.
 
     Example::
 
@@ -241,7 +261,7 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
         >>> art.metadata.num_classes, art.metadata.params, art.module(torch.randn(7, 3)).shape
         (2, 8, torch.Size([7, 2]))
     """
-    file = Path(path)
+    file = _check_suffix(path)
     if not file.is_file():
         raise ValueError(f"Expected `path` to be an artifact file, but {str(file)!r} does not exist.")
     data = file.read_bytes()
@@ -250,12 +270,19 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
     assert text is not None  # for mypy: the check refuses an archive without the metadata file
     metadata = _read_metadata(text, where)
     program = load_checked_program(data, f"the artifact {where}")
+    if metadata.input_dtype is None:
+        metadata = _replace(metadata, input_dtype=_program_input_dtype(program))
+    metadata = _replace(metadata, size_bytes=len(data))
     module = program.module()
     make_exported_train_eval_(module)
     module.eval()
     for tensor in module.parameters():
         tensor.requires_grad_(False)
-    return LoadedArtifact(module=module, metadata=_replace(metadata, size_bytes=len(data)), program=program)
+    # A pre-hook rather than a wrapping module: the MoE, compile_artifact and count_macs read the graph.
+    module.register_forward_pre_hook(
+        _InputCheck.of(metadata, f"The artifact {where}"), prepend=True, with_kwargs=True
+    )
+    return LoadedArtifact(module=module, metadata=metadata, program=program)
 
 
 def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
@@ -314,6 +341,92 @@ class _FrozenInference(nn.Module):
 
 
 # --- private ------------------------------------------------------------------------------------------
+
+
+class _InputCheck:
+    """Forward pre-hook of a loaded artifact: one tensor of the recorded dtype and sample shape, any batch.
+
+    A plain class (not a closure) so that the module can still be copied and pickled like any other.
+    """
+
+    def __init__(self, where: str, sample_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.where = where
+        self.sample_shape = sample_shape
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, metadata: ArtifactMetadata, where: str) -> _InputCheck:
+        dtype = getattr(torch, str(metadata.input_dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{where} is a corrupt artifact: unknown input dtype {metadata.input_dtype!r}.")
+        return cls(f"{where} ({metadata.architecture})", tuple(metadata.input_shape), dtype)
+
+    def expected(self) -> str:
+        shape = ", ".join(["batch", *(str(s) for s in self.sample_shape)])
+        return f"a {_dtype_name(self.dtype)} tensor of shape ({shape})"
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs = (*args, *kwargs.values())
+        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+            got = ", ".join(type(x).__name__ for x in inputs) or "nothing"
+            raise TypeError(f"{self.where} takes one input, {self.expected()}; got {got}.")
+        x = inputs[0]
+        shape_ok = x.dim() == len(self.sample_shape) + 1 and tuple(x.shape[1:]) == self.sample_shape
+        if x.dtype == self.dtype and shape_ok:
+            return None
+        if x.dtype != self.dtype:
+            hint = f" Convert it with `x.to(torch.{_dtype_name(self.dtype)})`"
+            if not x.dtype.is_floating_point and self.dtype.is_floating_point:
+                hint += ", scaled and normalised as the training data was"
+            hint += "."
+        elif x.dim() == len(self.sample_shape):
+            hint = " It lacks the batch dimension: pass `x.unsqueeze(0)` for a single sample."
+        else:
+            hint = " Only the batch dimension is free; the others were fixed when the artifact was saved."
+        raise ValueError(
+            f"{self.where} expects {self.expected()}, got a {_dtype_name(x.dtype)} tensor of shape"
+            f" {tuple(x.shape)}.{hint}"
+        )
+
+
+def _check_suffix(path: str | os.PathLike[str]) -> Path:
+    file = Path(path)
+    if file.suffix != SUFFIX:
+        raise ValueError(
+            f"Expected `path` to end in {SUFFIX!r}, the suffix of artifact files, got {str(file)!r}. An artifact"
+            " is a torch.export program, not an ONNX or TorchScript file; name it"
+            f" {file.with_suffix(SUFFIX).name!r}."
+        )
+    return file
+
+
+def _default_example(model: nn.Module) -> Tensor:
+    example = getattr(model, "example_input_array", None)
+    if isinstance(example, Tensor):
+        return example
+    has = (
+        "no `example_input_array`"
+        if example is None
+        else f"an `example_input_array` of type {type(example).__name__}"
+    )
+    raise TypeError(
+        f"Expected `example_inputs` to be a tensor with a batch dimension: {type(model).__name__} has {has} to"
+        " default to. Pass one batch of the inputs the model takes, e.g."
+        " `save_artifact(model, path, example_inputs=torch.randn(2, 1, 16, 16))`, or set"
+        " `model.example_input_array` to one."
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _program_input_dtype(program: torch.export.ExportedProgram) -> str:
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs and isinstance(node.meta.get("val"), Tensor):
+            return _dtype_name(node.meta["val"].dtype)
+    return "float32"
 
 
 def _architecture_name(model: nn.Module) -> str:

@@ -22,7 +22,7 @@ from lightning_hybridcomp.artifacts import (
     load_artifact,
     save_artifact,
 )
-from lightning_hybridcomp.models import build_backbone
+from lightning_hybridcomp.models import ImageClassifier, build_backbone
 from lightning_hybridcomp.profiling import serialized_size
 from lightning_hybridcomp.programs import make_exported_train_eval_
 from tests._helpers import relative_distance
@@ -37,7 +37,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    from lightning_hybridcomp.callbacks.quantization import _PT2EBackend
+    from lightning_hybridcomp.callbacks.qat_backends import PT2EBackend
 
     root = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     prepared = prepare_qat_pt2e(graph, quantizer)
     with torch.no_grad():
         prepared(calibration)
-    int8 = _PT2EBackend().convert(prepared)
+    int8 = PT2EBackend().convert(prepared)
 
     x = torch.randn(37, *SHAPE)
     with torch.no_grad():
@@ -132,6 +132,7 @@ def test_fp32_metadata(models: SimpleNamespace) -> None:
     assert meta.params == sum(p.numel() for p in models.fp32.parameters())
     assert meta.extra["ops"]["conv2d"] == 4 and meta.extra["ops"]["linear"] == 1
     assert meta.size_bytes == (models.root / "fp32.pt2").stat().st_size
+    assert meta.input_dtype == "float32"
     loaded = load_artifact(models.root / "fp32.pt2")
     assert loaded.metadata == meta
     assert ArtifactMetadata.from_json(meta.to_json()) == meta
@@ -177,6 +178,8 @@ def test_compiled_int8_artifact_matches_eager(models: SimpleNamespace) -> None:
     compiled = compile_artifact(module)
     out = compiled(models.x)
     assert not out.requires_grad and compiled(models.x[:5]).shape == (5, 10)  # a new batch size recompiles
+    with pytest.raises(ValueError, match="expects a float32 tensor"):
+        compiled(models.x.double())  # the input check survives compilation
     # Inductor's int8 kernels round slightly differently from the reference q/dq ops.
     assert relative_distance(out, models.int8_out) < 0.02
     assert float((out.argmax(1) == models.int8_out.argmax(1)).float().mean()) >= 0.9
@@ -336,6 +339,119 @@ def test_bad_files_are_refused_with_the_path(
     with pytest.raises(ValueError, match=match) as info:
         load_artifact(path)
     assert "bad.pt2" in str(info.value)
+
+
+# --------------------------------------------------------------------------- inputs of a loaded artifact
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+@pytest.mark.parametrize(
+    ("make", "got", "hint"),
+    [
+        (
+            lambda: torch.randn(2, *SHAPE, dtype=torch.float64),
+            "a float64 tensor of shape (2, 1, 8, 8)",
+            "x.to(",
+        ),
+        (
+            lambda: torch.zeros(2, *SHAPE, dtype=torch.uint8),
+            "a uint8 tensor of shape (2, 1, 8, 8)",
+            "normalised",
+        ),
+        (
+            lambda: torch.randn(2, 1, 9, 9),
+            "a float32 tensor of shape (2, 1, 9, 9)",
+            "Only the batch dimension",
+        ),
+        (lambda: torch.randn(*SHAPE), "a float32 tensor of shape (1, 8, 8)", "x.unsqueeze(0)"),
+    ],
+    ids=["float64", "uint8", "other-size", "no-batch"],
+)
+def test_loaded_module_names_the_expected_input(
+    models: SimpleNamespace, name: str, make: Callable[[], Tensor], got: str, hint: str
+) -> None:
+    """What torch.export's guards report as a bare AssertionError/RuntimeError is one clear ValueError."""
+    module = load_artifact(models.root / f"{name}.pt2").module
+    with pytest.raises(ValueError) as info:
+        module(make())
+    message = str(info.value)
+    assert f"{name}.pt2' (SmallCNN) expects a float32 tensor of shape (batch, 1, 8, 8), got {got}." in message
+    assert hint in message
+
+
+def test_loaded_module_takes_exactly_one_tensor(models: SimpleNamespace) -> None:
+    module = load_artifact(models.root / "fp32.pt2").module
+    with pytest.raises(
+        TypeError, match=r"takes one input, a float32 tensor of shape \(batch, 1, 8, 8\); got Tensor, Tensor"
+    ):
+        module(models.x, models.x)
+    with pytest.raises(TypeError, match="got list"):
+        module([models.x])
+
+
+def test_input_dtype_of_an_artifact_without_it_comes_from_the_program(
+    models: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Artifacts written before ``input_dtype`` was recorded still load, and still check their input."""
+    path = _rewrite(
+        models.root / "int8.pt2", tmp_path / "old.pt2", _edit_json("extra/hybridcomp.json", _drop_input_dtype)
+    )
+    loaded = load_artifact(path)
+    assert loaded.metadata.input_dtype == "float32"
+    with pytest.raises(ValueError, match="got a float64 tensor"):
+        loaded.module(models.x.double())
+
+
+def _drop_input_dtype(meta: dict) -> None:
+    del meta["input_dtype"]
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_save_defaults_to_the_example_input_array(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(width=4, image_size=12).eval()
+    meta = save_artifact(model, tmp_path / "model.pt2")
+    assert (meta.input_shape, meta.input_dtype, meta.architecture) == (
+        (1, 12, 12),
+        "float32",
+        "ImageClassifier",
+    )
+    x = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(load_artifact(tmp_path / "model.pt2").module(x), model(x))
+
+
+class _TupleExample(nn.Linear):
+    example_input_array = (torch.randn(2, 3),)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (nn.Linear(3, 2), r"Linear has no `example_input_array` to default to\. Pass one batch"),
+        (_TupleExample(3, 2), r"_TupleExample has an `example_input_array` of type tuple"),
+    ],
+    ids=["none", "tuple"],
+)
+def test_save_without_example_inputs_says_what_to_pass(tmp_path: Path, model: nn.Module, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        save_artifact(model, tmp_path / "a.pt2")
+    assert not (tmp_path / "a.pt2").exists()
+
+
+def test_artifact_files_end_in_pt2(models: SimpleNamespace, tmp_path: Path) -> None:
+    """One rule for saving, loading and the MoE's dispatch on file names: the suffix is ``.pt2``."""
+    with pytest.raises(
+        ValueError, match=r"Expected `path` to end in '\.pt2'.*got '.*model\.onnx'.*name it 'model\.pt2'"
+    ):
+        save_artifact(nn.Linear(3, 2), tmp_path / "model.onnx", torch.randn(2, 3))
+    assert not (tmp_path / "model.onnx").exists()
+    renamed = tmp_path / "expert.onnx"
+    renamed.write_bytes((models.root / "fp32.pt2").read_bytes())  # a real artifact under another name
+    with pytest.raises(ValueError, match=r"to end in '\.pt2'.*expert\.onnx"):
+        load_artifact(renamed)
 
 
 def test_save_argument_errors(tmp_path: Path) -> None:

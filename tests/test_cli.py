@@ -5,7 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch import nn
+
+from lightning_hybridcomp.models import build_backbone
+from tests._reference import reference_macs, reference_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -64,6 +69,47 @@ def test_fit_under_ddp_prunes_and_exits_cleanly(tmp_path) -> None:
     row = next(line for line in out.splitlines() if line.startswith("| ImageClassifier"))
     params = int(row.split("|")[3].replace(",", ""))
     assert params < 0.3 * 65_834  # the unpruned small CNN has 65,834 parameters
+
+
+def _summary_row(out: str) -> dict[str, str]:
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    row = next(line for line in lines if line.startswith("| ImageClassifier"))
+    return dict(zip(header, (cell.strip() for cell in row.strip("|").split("|"))))
+
+
+def _figure(cell: str) -> int:
+    return int(cell.replace(",", ""))
+
+
+@pytest.mark.parametrize("convert", [True, False], ids=["int8", "fake-quant"])
+def test_fit_with_qat_prints_the_models_real_params_and_macs(tmp_path, convert: bool) -> None:
+    """The summary of a QAT run counts the int8 program's weights (buffers, not parameters) and MACs."""
+    result = _hybridcomp(
+        "fit",
+        "--config",
+        str(ROOT / "examples" / "digits.yaml"),
+        "--model.width=8",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+        "--trainer.callbacks+=lightning_hybridcomp.QuantizationAwareTraining",
+        "--trainer.callbacks.start_epoch=1",
+        f"--trainer.callbacks.convert_on_fit_end={str(convert).lower()}",
+        cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    row = _summary_row(out)
+    net = build_backbone("small_cnn", 10, 1, width=8)
+    # Fake quantization keeps the float weights; int8 conversion folds each BatchNorm weight into its conv.
+    bn_weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    expected_params = reference_params(net) - (bn_weights if convert else 0)
+    assert _figure(row["params"]) == expected_params
+    assert _figure(row["MACs"]) == reference_macs(net, torch.randn(1, 1, 16, 16))
 
 
 def test_unknown_backbone_is_one_clear_line(tmp_path) -> None:
