@@ -24,7 +24,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; rename it onto ``path`` if the block succeeds.
 
     Parent folders are created. If the block raises, the temporary file is removed and ``path`` keeps
-    whatever it held before.
+    whatever it held before. The temporary name holds the process id, so two processes writing the same
+    file (DDP ranks, two runs) never write into or rename away each other's temporary file.
 
     Example::
 
@@ -37,7 +38,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, target)

@@ -2,11 +2,14 @@
 
 Each phase writes into its own folder and marks itself finished with ``done.json`` only after all its
 files are in place, so an interrupted run (a kill, a full disk) never loses a finished phase, and a
-re-run skips what is done and resumes an interrupted phase from its last checkpoint.
+re-run skips what is done and resumes an interrupted phase from its last checkpoint. Under DDP every rank
+runs every phase's Trainer; global rank zero alone writes the files and measures the models, while the
+other ranks wait for it (:func:`~lightning_hybridcomp._distributed.on_rank_zero`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -14,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
+from lightning_hybridcomp._distributed import broadcast_from_rank_zero, is_global_zero, on_rank_zero
 from lightning_hybridcomp._io import (
     UnreadableCheckpointError,
     atomic_path,
@@ -49,7 +53,17 @@ __all__ = ["Pipeline", "PipelineError", "run_pipeline"]
 
 _DONE = "done.json"
 _CONFIG = "config.json"
-_OWNED = ("baseline", "experts", "moe", "logs", "report.md", "results.json", "pareto.png", _CONFIG)
+_OWNED = (
+    "baseline",
+    "experts",
+    "moe",
+    "evaluation",
+    "logs",
+    "report.md",
+    "results.json",
+    "pareto.png",
+    _CONFIG,
+)
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
@@ -66,12 +80,26 @@ def _tensorboard_available() -> bool:
 
 
 def _completed_epochs(checkpoint_path: Path) -> int:
-    """Training epochs the fit loop had completed when the checkpoint was written."""
+    """Training epochs whose batches were all trained when the checkpoint was written.
+
+    The epoch checkpoint is written at the end of validation, before the fit loop counts its epoch as
+    "completed"; "processed" already counts it (and a checkpoint of the final epoch is a finished fit).
+    """
     checkpoint = read_checkpoint(checkpoint_path, what="the phase's last checkpoint")
     try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError, ValueError):
         return int(checkpoint.get("epoch", 0))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _read_done(folder: Path) -> dict[str, Any] | None:
@@ -123,7 +151,7 @@ class Pipeline:
     Args:
         config: the run's configuration (see :mod:`lightning_hybridcomp.pipeline_config`).
         force: delete what an earlier run left in ``config.run_dir`` and redo everything.
-        say: where progress lines go (``print`` by default).
+        say: where progress lines go (``print`` by default); only global rank zero prints under DDP.
 
     Raises:
         PipelineError: if ``run_dir`` holds results of a different configuration and ``force`` is off.
@@ -146,6 +174,12 @@ class Pipeline:
                 )
         self._datamodule: pl.LightningDataModule | None = None
         self._phase_times: dict[str, float] = {}
+        # Lightning's DDP launcher lowers each rank's thread count; rank zero measures alone, with these.
+        self._threads = torch.get_num_threads()
+
+    def _say(self, message: str) -> None:
+        if is_global_zero():
+            self.say(message)
 
     # ------------------------------------------------------------------ run directory
 
@@ -203,11 +237,16 @@ class Pipeline:
         return loggers
 
     def _trainer(self, folder: Path, label: str, max_epochs: int, callbacks: list[Callback]) -> pl.Trainer:
-        checkpoint = ModelCheckpoint(dirpath=str(folder / "checkpoints"), save_last=True, save_top_k=0)
+        # The latest epoch's checkpoint, kept under the name `last.ckpt`. (`save_last=True` with
+        # `save_top_k=0` writes `last.ckpt` only at the end of fit: Lightning 2.6 saves "last" only at steps
+        # where a top-k checkpoint was saved, so a phase killed mid-training would start again.)
+        checkpoint = ModelCheckpoint(
+            dirpath=str(folder / "checkpoints"), filename="last", save_top_k=1, enable_version_counter=False
+        )
         kwargs: dict[str, Any] = {
             "max_epochs": max_epochs,
             "logger": self._loggers(label),
-            "callbacks": [*callbacks, _PhaseProgress(label, self.say), checkpoint],
+            "callbacks": [*callbacks, _PhaseProgress(label, self._say), checkpoint],
             "default_root_dir": str(folder),
             "log_every_n_steps": 10,
             "enable_model_summary": False,
@@ -223,23 +262,30 @@ class Pipeline:
         restored with ``validate`` instead: it rebuilds the final (pruned, int8) structure and weights
         without training. A last checkpoint that cannot be read (Lightning writes it atomically, so only a
         file damaged on disk or copied in part) is deleted and the phase starts again from its first epoch.
+        Under DDP, rank zero's reading of the checkpoint decides for every rank.
         """
         last = folder / "checkpoints" / "last.ckpt"
-        completed = None
+        completed: int | None = None
+        unreadable: str | None = None
         if last.is_file():
             try:
                 completed = _completed_epochs(last)
             except UnreadableCheckpointError as err:
-                self.say(f"{err} Deleting it; this phase starts again from its first epoch.")
-                last.unlink()
+                unreadable = str(err)
+        completed, unreadable = broadcast_from_rank_zero((completed, unreadable))
+        if unreadable is not None:
+            self._say(f"{unreadable} Deleting it; this phase starts again from its first epoch.")
+            on_rank_zero(lambda: last.unlink(missing_ok=True), what=f"deleting {last}")
         if completed is None:
             trainer.fit(model, datamodule=self.datamodule)
             return
-        self.say(f"resuming from {last}")
+        self._say(f"resuming from {last}")
         if completed >= (trainer.max_epochs or 0):
             trainer.validate(model, datamodule=self.datamodule, ckpt_path=str(last), verbose=False)
         else:
-            trainer.fit(model, datamodule=self.datamodule, ckpt_path=str(last))
+            with warnings.catch_warnings():  # the folder holds the very checkpoint this fit resumes from
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+                trainer.fit(model, datamodule=self.datamodule, ckpt_path=str(last))
 
     def _baseline_model(self, lr: float | None = None) -> pl.LightningModule:
         spec = copy.deepcopy(self.config.baseline.model)
@@ -261,10 +307,15 @@ class Pipeline:
             trainer = self._trainer(folder, "baseline", cfg.max_epochs, [])
             self._fit(trainer, model, folder)
         weights = folder / "weights.pt"
-        with atomic_path(weights) as tmp:
-            torch.save(model.state_dict(), tmp)
-        meta = save_artifact(model.cpu().eval(), folder / "model.pt2", self._example_inputs(model), steps=())
-        return {"weights": str(weights), "artifact": str(folder / "model.pt2"), "macs": meta.macs}
+
+        def write() -> dict[str, Any]:
+            with atomic_path(weights) as tmp:
+                torch.save(model.state_dict(), tmp)
+            example = self._example_inputs(model)
+            meta = save_artifact(model.cpu().eval(), folder / "model.pt2", example, steps=())
+            return {"weights": str(weights), "artifact": str(folder / "model.pt2"), "macs": meta.macs}
+
+        return on_rank_zero(write, what="writing the baseline's weights and artifact")
 
     def _load_starting_checkpoint(self, model: pl.LightningModule, path: str) -> None:
         checkpoint = read_checkpoint(path, what="`baseline.checkpoint`")
@@ -300,12 +351,16 @@ class Pipeline:
         trainer = self._trainer(folder, f"expert-{spec.name}", spec.max_epochs, callbacks)
         self._fit(trainer, model, folder)
         artifact = folder / "expert.pt2"
-        if quantization is not None:
-            meta = quantization.save_artifact(artifact)
-        else:
-            steps = [pruning.step_label] if pruning is not None else []
-            meta = save_artifact(model.cpu().eval(), artifact, self._example_inputs(model), steps=steps)
-        return {"artifact": str(artifact), "macs": meta.macs, "steps": list(meta.steps)}
+
+        def write() -> dict[str, Any]:
+            if quantization is not None:
+                meta = quantization.save_artifact(artifact)
+            else:
+                steps = [pruning.step_label] if pruning is not None else []
+                meta = save_artifact(model.cpu().eval(), artifact, self._example_inputs(model), steps=steps)
+            return {"artifact": str(artifact), "macs": meta.macs, "steps": list(meta.steps)}
+
+        return on_rank_zero(write, what=f"writing the artifact of expert {spec.name!r}")
 
     def _run_moe(self, top_k: int) -> dict[str, Any]:
         from lightning_hybridcomp.moe import MoELightningModule
@@ -318,12 +373,17 @@ class Pipeline:
         trainer = self._trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
         self._fit(trainer, moe, folder)
         target = folder / "moe.ckpt"
-        with atomic_path(target) as tmp:
-            trainer.save_checkpoint(str(tmp), weights_only=False)
+        # `save_checkpoint` is a collective that rank zero alone writes; the rename makes it appear whole.
+        written = folder / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(str(written), weights_only=False)
+        on_rank_zero(lambda: os.replace(written, target), what=f"writing {target}")
         return {"checkpoint": str(target)}
 
     def _run_evaluation(self) -> dict[str, Any]:
-        with warnings.catch_warnings():
+        return on_rank_zero(self._evaluate_and_report, what="measuring the models and writing the report")
+
+    def _evaluate_and_report(self) -> dict[str, Any]:
+        with warnings.catch_warnings(), _torch_threads(self._threads):
             # Inductor's int8 lowering repeats this warning for every compiled convolution.
             warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
             rows = self.evaluate()
@@ -459,34 +519,41 @@ class Pipeline:
     def run(self) -> list[dict[str, Any]]:
         """Run every phase that is not finished yet, then print the report table.
 
+        Under DDP every rank calls this; rank zero prepares the run directory and decides which phases
+        are pending (Lightning's launcher starts the other ranks inside the first phase's ``fit``).
+
         Returns:
             The ``results.json`` model entries.
         """
-        self._prepare_run_dir()
+        on_rank_zero(self._prepare_run_dir, what="preparing the run directory")
         phases = self.phases()
         pending = [_read_done(phase.folder) is None for phase in phases]
         seconds = epochs = 0.0
         for number, phase in enumerate(phases, start=1):
+            pending[number - 1] = broadcast_from_rank_zero(pending[number - 1])
             if not pending[number - 1]:
-                self.say(f"=== Phase {number}/{len(phases)}: {phase.name} — finished earlier, skipped ===")
+                self._say(f"=== Phase {number}/{len(phases)}: {phase.name} — finished earlier, skipped ===")
                 continue
             eta = ""
             if epochs:
                 # Seconds per training epoch so far, times the training epochs still ahead.
                 left = sum(p.epochs for p, todo in zip(phases[number - 1 :], pending[number - 1 :]) if todo)
                 eta = f", about {seconds / epochs * left:.0f}s of training left"
-            self.say(f"=== Phase {number}/{len(phases)}: {phase.name}{eta} ===")
+            self._say(f"=== Phase {number}/{len(phases)}: {phase.name}{eta} ===")
             phase.folder.mkdir(parents=True, exist_ok=True)
             start = time.monotonic()
             result = phase.run()
             elapsed = time.monotonic() - start
             if phase.epochs:
                 seconds, epochs = seconds + elapsed, epochs + phase.epochs
-            _write_json(phase.folder / _DONE, {"phase": phase.name, "seconds": round(elapsed, 1), **result})
+            done = {"phase": phase.name, "seconds": round(elapsed, 1), **result}
+            on_rank_zero(
+                functools.partial(_write_json, phase.folder / _DONE, done), what=f"finishing {phase.name}"
+            )
         results = json.loads((self.run_dir / "results.json").read_text())
         rows = [ResultRow(**{k: v for k, v in m.items() if k != "ratios"}) for m in results["models"]]
-        self.say("\n" + report_table(rows))
-        self.say(f"\nReport: {self.run_dir / 'report.md'}")
+        self._say("\n" + report_table(rows))
+        self._say(f"\nReport: {self.run_dir / 'report.md'}")
         return list(results["models"])
 
 

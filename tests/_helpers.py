@@ -32,6 +32,40 @@ FAST_TRAINER_FLAGS: dict[str, Any] = {
 }
 
 
+# A miniature pipeline run: tiny model on 8x8 digits, few batches, every phase.
+MINI_PIPELINE: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "class_path": "lightning_hybridcomp.data.DigitsDataModule",
+        "init_args": {"batch_size": 64, "image_size": 8},
+    },
+    "baseline": {
+        "model": {
+            "class_path": "lightning_hybridcomp.models.ImageClassifier",
+            "init_args": {"backbone": "small_cnn", "width": 8, "image_size": 8, "lr": 0.01},
+        },
+        "max_epochs": 2,
+    },
+    "experts": [
+        {
+            "name": "half",
+            "pruning": {"pruning_ratio": 0.5, "iterative_steps": 1},
+            "quantization": {"backend": "x86_pt2e"},
+            "max_epochs": 2,
+        },
+        {
+            "name": "third",
+            "pruning": {"pruning_ratio": 0.3, "iterative_steps": 1},
+            "max_epochs": 2,
+            "seed": 1,
+        },
+    ],
+    "moe": {"top_k": [1, 2], "max_epochs": 1},
+    "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 2, "warmup": 1, "compile": False},
+    "trainer": {"limit_train_batches": 4, "limit_val_batches": 2, "enable_progress_bar": False},
+}
+
+
 def fast_trainer(root: Path | None = None, **overrides: Any) -> pl.Trainer:
     """A CPU Trainer with :data:`FAST_TRAINER_FLAGS`, writing under ``root`` when given; ``overrides`` win."""
     location = {"default_root_dir": str(root)} if root is not None else {}
@@ -89,3 +123,14 @@ def run_ddp_script(
         timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": python_path, **(env or {})},
     )
+
+
+def pipeline_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The ``hybridcomp pipeline`` command line for ``config`` writing into ``run_dir``."""
+    module = [sys.executable, "-m", "lightning_hybridcomp.cli", "pipeline"]
+    return [*module, "--config", str(config), "--run_dir", str(run_dir), *extra]
+
+
+def done_marker_times(run_dir: Path) -> dict[str, float]:
+    """Modification time of every phase's ``done.json`` in a pipeline run directory, by relative path."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("done.json")}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,11 @@ def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path: Path) -> 
         raise OSError(28, "disk full")
     assert target.read_text() == "first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.md"]
+
+
+def test_atomic_path_temporary_name_is_the_process_s_own(tmp_path: Path) -> None:
+    # Two processes writing the same file (DDP ranks) never share, overwrite or rename each other's file.
+    with atomic_path(tmp_path / "weights.pt") as tmp:
+        assert tmp.parent == tmp_path and tmp.name == f"weights.pt.{os.getpid()}.tmp"
+        tmp.write_text("mine")
+    assert (tmp_path / "weights.pt").read_text() == "mine"

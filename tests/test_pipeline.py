@@ -6,7 +6,6 @@ import json
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,38 +16,8 @@ import yaml
 from lightning_hybridcomp.artifacts import load_artifact
 from lightning_hybridcomp.pipeline import Pipeline
 from lightning_hybridcomp.pipeline_config import PipelineError, parse_pipeline_config
-
-MINI = {
-    "seed": 0,
-    "data": {
-        "class_path": "lightning_hybridcomp.data.DigitsDataModule",
-        "init_args": {"batch_size": 64, "image_size": 8},
-    },
-    "baseline": {
-        "model": {
-            "class_path": "lightning_hybridcomp.models.ImageClassifier",
-            "init_args": {"backbone": "small_cnn", "width": 8, "image_size": 8, "lr": 0.01},
-        },
-        "max_epochs": 2,
-    },
-    "experts": [
-        {
-            "name": "half",
-            "pruning": {"pruning_ratio": 0.5, "iterative_steps": 1},
-            "quantization": {"backend": "x86_pt2e"},
-            "max_epochs": 2,
-        },
-        {
-            "name": "third",
-            "pruning": {"pruning_ratio": 0.3, "iterative_steps": 1},
-            "max_epochs": 2,
-            "seed": 1,
-        },
-    ],
-    "moe": {"top_k": [1, 2], "max_epochs": 1},
-    "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 2, "warmup": 1, "compile": False},
-    "trainer": {"limit_train_batches": 4, "limit_val_batches": 2, "enable_progress_bar": False},
-}
+from tests._helpers import MINI_PIPELINE as MINI
+from tests._helpers import done_marker_times, pipeline_command
 
 
 def _write_config(tmp_path: Path, **changes) -> Path:
@@ -59,26 +28,10 @@ def _write_config(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def _command(config: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lightning_hybridcomp.cli",
-        "pipeline",
-        "--config",
-        str(config),
-        "--run_dir",
-        str(run_dir),
-        *extra,
-    ]
-
-
 def _run(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(config, run_dir, *extra), capture_output=True, text=True, timeout=900)
-
-
-def _done_times(run_dir: Path) -> dict[str, float]:
-    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("done.json")}
+    return subprocess.run(
+        pipeline_command(config, run_dir, *extra), capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,22 +104,22 @@ def test_pareto_plot_is_a_valid_png(finished_run) -> None:
 
 def test_rerun_skips_finished_phases(finished_run) -> None:
     config, run_dir, _ = finished_run
-    before = _done_times(run_dir)
+    before = done_marker_times(run_dir)
     result = _run(config, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("finished earlier, skipped") == 6
-    assert _done_times(run_dir) == before
+    assert done_marker_times(run_dir) == before
     assert "| moe-k1 " in result.stdout
 
 
 def test_other_config_in_the_same_run_dir_is_refused(finished_run, tmp_path) -> None:
     _, run_dir, _ = finished_run
     other = _write_config(tmp_path, seed=7)
-    before = _done_times(run_dir)
+    before = done_marker_times(run_dir)
     result = _run(other, run_dir)
     assert result.returncode == 2
     assert "holds results of a different configuration" in result.stderr and "--force" in result.stderr
-    assert _done_times(run_dir) == before
+    assert done_marker_times(run_dir) == before
 
 
 @pytest.mark.parametrize("cut_last_checkpoint", [False, True], ids=["intact", "cut"])
@@ -175,7 +128,7 @@ def test_killed_run_resumes_and_completes(tmp_path, cut_last_checkpoint) -> None
     config = _write_config(tmp_path)
     run_dir = tmp_path / "run"
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads: it cannot fill up
-        process = subprocess.Popen(_command(config, run_dir), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(pipeline_command(config, run_dir), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     marker = run_dir / "experts" / "half" / "checkpoints" / "last.ckpt"
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -268,14 +221,16 @@ def test_non_pipeline_folder_is_refused(tmp_path) -> None:
 
 def test_force_redoes_everything_but_keeps_foreign_files(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    (run_dir / "baseline").mkdir(parents=True)
-    (run_dir / "baseline" / "done.json").write_text("{}")
+    for phase in ("baseline", "evaluation"):
+        (run_dir / phase).mkdir(parents=True)
+        (run_dir / phase / "done.json").write_text("{}")
     (run_dir / "notes.txt").write_text("mine")
     raw = json.loads(json.dumps(MINI))
     raw["run_dir"] = str(run_dir)
     pipeline = Pipeline(parse_pipeline_config(raw), force=True, say=lambda _: None)
     pipeline._prepare_run_dir()
     assert not (run_dir / "baseline").exists()
+    assert not (run_dir / "evaluation").exists()  # else the report of the old run would be kept
     assert (run_dir / "notes.txt").read_text() == "mine"
     assert json.loads((run_dir / "config.json").read_text())["fingerprint"] == pipeline.config.fingerprint()
 
