@@ -21,7 +21,7 @@ from torch.export import ExportedProgram
 from lightning_hybridcomp._graph_passes import check_deterministic
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import init_arguments, training_mode
-from lightning_hybridcomp.artifacts import load_artifact
+from lightning_hybridcomp.artifacts import SUFFIX, load_artifact
 from lightning_hybridcomp.profiling import count_macs, count_macs_and_params
 from lightning_hybridcomp.programs import (
     export_with_dynamic_batch,
@@ -139,7 +139,7 @@ def load_expert_source(spec: Any, index: int) -> ExpertSource:
         name = f"experts[{index}] ({str(spec)!r})"
         if not path.is_file():
             raise ValueError(f"Expected {name} to be an existing file, but {str(path)!r} does not exist.")
-        if path.suffix == ".pt2":
+        if path.suffix == SUFFIX:
             return _load_pt2(path, name)
         if path.suffix == ".ckpt":
             return _load_classifier_checkpoint(path, name)
