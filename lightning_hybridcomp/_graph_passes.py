@@ -23,8 +23,9 @@ __all__ = [
     "separate_repeated_module_calls_",
 ]
 
-# Arguments by which an op that is random in training (dropout, rrelu, RNNs) is told it runs in inference.
-_MODE_ARGUMENTS = ("train", "training")
+# Arguments by which an op that can be random (dropout, rrelu, RNNs, attention) is told to be deterministic:
+# a training flag that is off, or a dropout probability of zero.
+_DETERMINISTIC_WHEN = {"train": False, "training": False, "p": 0.0, "dropout_p": 0.0}
 
 
 class NondeterministicProgramError(ValueError):
@@ -64,8 +65,9 @@ def random_ops(module: nn.Module | torch.export.ExportedProgram) -> list[str]:
     """Names of the operators in a traced graph that draw random numbers, once per call site.
 
     An operator counts when torch tags it ``nondeterministic_seeded`` (dropout, bernoulli, rand, normal,
-    ...) or it is a dropout variant, unless its ``train``/``training`` argument is ``False`` — the form an
-    eval-mode trace leaves, which is the identity.
+    attention, ...) or it is a dropout variant, unless its ``train``/``training`` argument is ``False`` or
+    its dropout probability (``p``, ``dropout_p``) is zero — the forms an eval-mode trace leaves, which
+    are deterministic (e.g. ``scaled_dot_product_attention`` with ``dropout_p=0.0``).
     """
     found = []
     for graph_module in graph_modules(module):
@@ -169,8 +171,18 @@ def _draws_random_numbers(node: Node) -> bool:
     if not seeded:
         return False
     for index, argument in enumerate(target._schema.arguments):
-        if argument.name in _MODE_ARGUMENTS:
-            value = node.kwargs.get(argument.name, node.args[index] if index < len(node.args) else None)
-            if value is False:
-                return False
+        if argument.name not in _DETERMINISTIC_WHEN:
+            continue
+        if argument.name in node.kwargs:
+            value = node.kwargs[argument.name]
+        elif index < len(node.args):
+            value = node.args[index]
+        else:
+            value = argument.default_value if argument.has_default_value() else None
+        if (
+            value is not None
+            and not isinstance(value, torch.fx.Node)
+            and value == _DETERMINISTIC_WHEN[argument.name]
+        ):
+            return False
     return True

@@ -115,6 +115,19 @@ def test_inference_trace_has_no_random_op_while_batch_norm_keeps_training() -> N
     assert batch_norms and all(n.args[5] is True for n in batch_norms)  # still batch statistics
 
 
+def test_attention_without_dropout_is_deterministic() -> None:
+    """scaled_dot_product_attention is tagged as seeded (it may drop out); at dropout_p=0 it is not random."""
+
+    class SelfAttention(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.scaled_dot_product_attention(x, x, x, dropout_p=0.1 if self.training else 0.0)
+
+    example = torch.randn(2, 4, 8)
+    assert random_ops(export_with_dynamic_batch(SelfAttention().eval(), example)) == []
+    trained = random_ops(export_with_dynamic_batch(SelfAttention().train(), example))
+    assert any("scaled_dot_product_attention" in op for op in trained)
+
+
 def test_save_artifact_refuses_a_forward_that_always_draws_random_numbers(tmp_path: Path) -> None:
     class AlwaysDropout(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
