@@ -48,8 +48,10 @@ typecheck: $(STAMP)-dev
 docs: $(STAMP)-dev
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
+# Tests run single-threaded (tests/conftest.py), so two workers use the two cores of a small machine.
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP)-dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15
 
 # Regenerate the measured table and plot shown in docs/results.md from a fresh default run.
 docs-results: $(STAMP)-base

@@ -199,6 +199,34 @@ def example_from_batch(batch: Any) -> Tensor:
     return inputs_from_batch(batch)[:EXAMPLE_BATCH].detach()
 
 
+def example_inputs(
+    pl_module: pl.LightningModule,
+    *,
+    device: torch.device,
+    shape: Sequence[int] | None = None,
+    recorded: tuple[Sequence[int], str] | None = None,
+    whole_network: bool = True,
+    batch: Any = None,
+) -> Tensor | None:
+    """The example inputs a callback traces its network with, by the one precedence rule of the package.
+
+    An explicit ``shape`` (the callback's ``example_input_shape``) first, then the ``(shape, dtype)`` a
+    checkpoint ``recorded``, then, for a network that takes the LightningModule's own inputs
+    (``whole_network``), its ``example_input_array`` and the first samples of a training ``batch``.
+    ``None`` when none of them is known yet.
+    """
+    if shape is not None:
+        return make_example(shape, device=device)
+    if recorded is not None:
+        return make_example(*recorded, device=device)
+    if whole_network:
+        if isinstance(pl_module.example_input_array, Tensor):
+            return pl_module.example_input_array.to(device)
+        if batch is not None:
+            return example_from_batch(batch).to(device)
+    return None
+
+
 def peek_training_inputs(trainer: pl.Trainer) -> Tensor | None:
     """The example inputs of the first training batch, read without changing what training will see.
 

@@ -168,10 +168,16 @@ def _default_experts() -> list[ExpertConfig]:
     qat = {"backend": "x86_pt2e"}
     steps = {"iterative_steps": 2, "epochs_between_steps": 2}
     return [
-        ExpertConfig("l2-macs20", {"target_macs_ratio": 0.2, "importance": "l2", **steps}, qat, 8, seed=1),
+        ExpertConfig(
+            "l2-macs20", {"pruning_ratio": 0.8, "target": "macs", "importance": "l2", **steps}, qat, 8, seed=1
+        ),
         ExpertConfig("lamp-60", {"pruning_ratio": 0.6, "importance": "lamp", **steps}, qat, 8, seed=2),
         ExpertConfig(
-            "fpgm-macs15", {"target_macs_ratio": 0.15, "importance": "fpgm", **steps}, qat, 8, seed=3
+            "fpgm-macs15",
+            {"pruning_ratio": 0.85, "target": "macs", "importance": "fpgm", **steps},
+            qat,
+            8,
+            seed=3,
         ),
         ExpertConfig(
             "taylor-55",

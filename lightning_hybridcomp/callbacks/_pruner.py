@@ -28,7 +28,7 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
 )
 from lightning_hybridcomp.profiling import count_macs_and_params
 
-__all__ = ["MICRO_STEPS", "PrunerSettings", "TrialFailure"]
+__all__ = ["MICRO_STEPS", "PrunerSettings", "TaylorGradients", "TrialFailure"]
 
 # torch-pruning steps behind a cost target or a global ranking: each removes about 1% of the channels, so
 # a cost target is met to within that, and a layer exceeds `max_layer_ratio` by at most that (torch-pruning
@@ -43,6 +43,15 @@ class TrialFailure(Exception):
     def __init__(self, stage: str) -> None:
         super().__init__(stage)
         self.stage = stage
+
+    def as_value_error(self, what: str) -> ValueError:
+        """The error a user sees: ``what`` failed, at which stage, torch-pruning's reason, what to change."""
+        cause = self.__cause__
+        reason = " ".join(str(cause).split())[:300] or "no message"
+        return ValueError(
+            f"{what}: a trial run failed while {self.stage} ({type(cause).__name__}: {reason}). {self.hint()}."
+            " Nothing was trained or changed."
+        )
 
     def hint(self) -> str:
         """What a user can change, for this stage and cause."""
@@ -221,3 +230,52 @@ class PrunerSettings:
         except Exception as err:
             raise TrialFailure(stage) from err
         return trial
+
+
+class TaylorGradients:
+    """Sums of the gradients of every training batch since the last step, for Taylor importance.
+
+    torch-pruning's Taylor importance reads ``p.grad``; by the time a step runs (the start of an epoch) the
+    optimizer has consumed them, so the sums are kept here, checkpointed with the callback, and put back
+    into ``p.grad`` just before the step.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+
+    def accumulate(self, network: nn.Module) -> None:
+        """Add the network's current gradients to the sums."""
+        for name, p in network.named_parameters():
+            if p.grad is None:
+                continue
+            grad = p.grad.detach()
+            acc = self.sums.get(name)
+            if acc is None or acc.shape != grad.shape:
+                self.sums[name] = grad.clone()
+            else:
+                # Sums restored from a checkpoint live on the CPU.
+                self.sums[name] = acc.to(grad.device).add_(grad)
+
+    def install(self, network: nn.Module) -> None:
+        """Write the sums into ``p.grad`` of every parameter (zeros where none was recorded)."""
+        if not self.sums:
+            raise RuntimeError(
+                "StructuredPruning: Taylor importance needs gradients from training batches before the step, but"
+                " none were recorded since the previous step (no optimizer step ran). Start pruning later or pick"
+                " another `importance`."
+            )
+        for name, p in network.named_parameters():
+            grad = self.sums.get(name)
+            if grad is not None and grad.shape == p.shape:
+                p.grad = grad.to(device=p.device, dtype=p.dtype)
+            else:
+                # Frozen parameters have no gradient; count their Taylor contribution as zero.
+                p.grad = torch.zeros_like(p)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The sums on the CPU, for a checkpoint."""
+        return {k: v.detach().cpu() for k, v in self.sums.items()}
+
+    def load_state_dict(self, sums: dict[str, Tensor]) -> None:
+        """Restore the sums of :meth:`state_dict`."""
+        self.sums = dict(sums)

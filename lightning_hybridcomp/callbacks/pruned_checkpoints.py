@@ -30,6 +30,7 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
 
 __all__ = [
     "STATE_NAME",
+    "apply_state_structure_",
     "apply_structure_",
     "find_pruning_state",
     "load_pruned_model",
@@ -83,6 +84,20 @@ def apply_structure_(network: nn.Module, history: Sequence[Sequence[Any]], examp
         p.grad = None
     setattr(network, APPLIED_HISTORY_ATTR, applied + remaining)
     return len(remaining)
+
+
+def apply_state_structure_(model: nn.Module, state: Mapping[str, Any]) -> int:
+    """Give ``model`` the structure a StructuredPruning ``state`` records; returns the records applied.
+
+    The pruned submodule is the one the state names (``""``: ``model`` itself), traced with the example
+    shape and dtype the state recorded. Records the network already carries are not applied again.
+    """
+    history = state.get("history") or []
+    if not history:
+        return 0
+    network = unwrap_compiled(resolve_module(model, state.get("network", ""), arg_name="network"))
+    example = make_example(state["example_input_shape"], state["example_input_dtype"], device_of(network))
+    return apply_structure_(network, history, example)
 
 
 def find_pruning_state(checkpoint: Any) -> dict[str, Any] | None:
@@ -174,11 +189,7 @@ def pruned_model_from_checkpoint(
             f"Expected `module` to be a LightningModule class or an nn.Module, got {type(module).__name__}."
         )
     model.to(map_location)
-    history = state.get("history") or []
-    if history:
-        network = unwrap_compiled(resolve_module(model, state.get("network", ""), arg_name="network"))
-        example = make_example(state["example_input_shape"], state["example_input_dtype"], device_of(network))
-        apply_structure_(network, history, example)
+    apply_state_structure_(model, state)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError) as err:

@@ -22,29 +22,18 @@ from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
     device_of,
-    example_from_batch,
+    example_inputs,
     forward_network,
-    make_example,
     match_names,
     peek_training_inputs,
-    refuse_spawning_strategy,
     reset_monitors,
     resolve_module,
 )
-from lightning_hybridcomp._validation import (
-    expect_bool,
-    expect_choice,
-    expect_int,
-    expect_names,
-    expect_ratio,
-    expect_shape,
-    is_number,
-)
 from lightning_hybridcomp.callbacks._pruner import PrunerSettings, TrialFailure
+from lightning_hybridcomp.callbacks._pruning_checks import check_arguments, check_schedule, check_trainer
+from lightning_hybridcomp.callbacks._pruning_state import PruningProgress
 from lightning_hybridcomp.callbacks._pruning_utils import (
     APPLIED_HISTORY_ATTR,
-    IMPORTANCE_NAMES,
-    PRUNER_NAMES,
     REGULARIZING_PRUNERS,
     AgreedImportance,
     ParameterSlicing,
@@ -57,15 +46,13 @@ from lightning_hybridcomp.callbacks._pruning_utils import (
     unwrap_compiled,
 )
 from lightning_hybridcomp.callbacks.pruned_checkpoints import (
-    apply_structure_,
+    apply_state_structure_,
     find_pruning_state,
     load_pruned_model,
 )
 from lightning_hybridcomp.profiling import count_macs_and_params
 
 __all__ = ["StructuredPruning", "load_pruned_model"]
-
-_STATE_VERSION = 1
 
 
 class StructuredPruning(Callback):
@@ -84,12 +71,11 @@ class StructuredPruning(Callback):
     with this callback in the Trainer, and :func:`load_pruned_model` rebuilds the model for inference.
 
     Args:
-        pruning_ratio: fraction of channels to remove from every prunable layer (per layer, or over the
-            whole network with ``global_pruning``), in ``[0, 1)``. Defaults to ``0.5`` when no cost target
-            is set.
-        target_macs_ratio: instead of a channel ratio, keep at most this fraction of the original MACs, in
-            ``(0, 1]``. Step ``k`` of ``n`` prunes until ``1 - (1 - target) * k / n`` of the MACs are left.
-        target_params_ratio: the same as ``target_macs_ratio`` for the parameter count.
+        pruning_ratio: the fraction of ``target`` to remove, in ``[0, 1)``.
+        target: what ``pruning_ratio`` is a fraction of: ``"channels"`` (of every prunable layer, or over
+            the whole network with ``global_pruning``), ``"macs"`` or ``"params"`` (of the original
+            network's MACs or parameter count: ``pruning_ratio=0.7, target="macs"`` keeps at most 30% of
+            the MACs; step ``k`` of ``n`` prunes until ``1 - pruning_ratio * k / n`` of them are left).
         iterative_steps: number of pruning steps (at least 1).
         start_epoch: epoch at whose start the first step is applied.
         epochs_between_steps: fine-tuning epochs after each step before the next one.
@@ -125,7 +111,7 @@ class StructuredPruning(Callback):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> pruning = StructuredPruning(target_macs_ratio=0.3, iterative_steps=3, start_epoch=1)
+        >>> pruning = StructuredPruning(pruning_ratio=0.7, target="macs", iterative_steps=3, start_epoch=1)
         >>> pruning.last_step_epoch is None  # known once the Trainer has set the callback up
         True
         >>> trainer = Trainer(max_epochs=8, callbacks=[pruning])
@@ -138,9 +124,8 @@ class StructuredPruning(Callback):
 
     def __init__(
         self,
-        pruning_ratio: float | None = None,
-        target_macs_ratio: float | None = None,
-        target_params_ratio: float | None = None,
+        pruning_ratio: float = 0.5,
+        target: str = "channels",
         iterative_steps: int = 3,
         start_epoch: int = 0,
         epochs_between_steps: int = 1,
@@ -157,106 +142,44 @@ class StructuredPruning(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        targets = {
-            "pruning_ratio": pruning_ratio,
-            "target_macs_ratio": target_macs_ratio,
-            "target_params_ratio": target_params_ratio,
-        }
-        given = [k for k, v in targets.items() if v is not None]
-        if len(given) > 1:
-            raise ValueError(
-                f"Expected at most one of `pruning_ratio`, `target_macs_ratio` and `target_params_ratio`, got {given}."
-                " Use `pruning_ratio` for a fraction of channels, or a target for a fraction of MACs/params to keep."
-            )
-        expect_ratio(
-            pruning_ratio,
-            "pruning_ratio",
-            closed_low=True,
-            closed_high=False,
-            optional=True,
-            hint="It is the fraction of channels removed.",
+        checked = check_arguments(
+            pruning_ratio=pruning_ratio,
+            target=target,
+            iterative_steps=iterative_steps,
+            start_epoch=start_epoch,
+            epochs_between_steps=epochs_between_steps,
+            importance=importance,
+            pruner=pruner,
+            regularization=regularization,
+            global_pruning=global_pruning,
+            network=network,
+            ignored_layers=ignored_layers,
+            keep_output_layers=keep_output_layers,
+            round_to=round_to,
+            max_layer_ratio=max_layer_ratio,
+            example_input_shape=example_input_shape,
+            verbose=verbose,
         )
-        for name in ("target_macs_ratio", "target_params_ratio"):
-            expect_ratio(
-                targets[name],
-                name,
-                optional=True,
-                hint="It is the fraction of the original cost kept: for example 0.3 keeps at most 30%.",
-            )
-        expect_int(iterative_steps, "iterative_steps", low=1)
-        expect_int(start_epoch, "start_epoch")
-        expect_int(epochs_between_steps, "epochs_between_steps", low=1)
-        if isinstance(importance, str):
-            if importance.lower() not in IMPORTANCE_NAMES:
-                raise ValueError(
-                    f"Expected `importance` to be a torch-pruning Importance instance or one of {IMPORTANCE_NAMES},"
-                    f" got {importance!r}."
-                )
-        elif not isinstance(importance, tp.importance.Importance):
-            raise TypeError(
-                f"Expected `importance` to be a name or a `torch_pruning.importance.Importance` instance, got"
-                f" {type(importance).__name__}."
-            )
-        expect_choice(pruner, "pruner", PRUNER_NAMES)
-        if regularization is not None:
-            if pruner.lower() not in REGULARIZING_PRUNERS:
-                raise ValueError(
-                    f"Expected `regularization` to be None for pruner {pruner!r}, got {regularization!r}. Sparsity"
-                    f" regularisation needs one of the pruners {REGULARIZING_PRUNERS}."
-                )
-            if not (is_number(regularization) and regularization > 0):
-                raise ValueError(f"Expected `regularization` to be a positive float, got {regularization!r}.")
-        expect_bool(global_pruning, "global_pruning")
-        if not isinstance(network, str):
-            raise TypeError(
-                f"Expected `network` to be the fully qualified name of a submodule (a str, '' for the whole"
-                f" LightningModule), got {type(network).__name__}. Layers are selected by name, not by object."
-            )
-        ignored = expect_names(ignored_layers, "ignored_layers", example="['net.fc', 'net.layer4.*']")
-        expect_int(round_to, "round_to", low=1, optional=True)
-        expect_ratio(max_layer_ratio, "max_layer_ratio")
-        shape = expect_shape(example_input_shape, "example_input_shape")
-        expect_bool(keep_output_layers, "keep_output_layers")
-        expect_bool(verbose, "verbose")
-        self._taylor = (isinstance(importance, str) and importance.lower() == "taylor") or isinstance(
-            importance, tp.importance.GroupTaylorImportance
-        )
-        if self._taylor and start_epoch == 0:
-            raise ValueError(
-                "Expected `start_epoch` >= 1 with Taylor importance, got 0: Taylor scores need the gradients of at"
-                " least one epoch of training before the first step."
-            )
-
-        self.pruning_ratio = 0.5 if not given else pruning_ratio
-        self.target_macs_ratio = target_macs_ratio
-        self.target_params_ratio = target_params_ratio
+        self._taylor = checked.taylor
+        self.pruning_ratio = float(pruning_ratio)
+        self.target = checked.target
         self.iterative_steps = iterative_steps
         self.start_epoch = start_epoch
         self.epochs_between_steps = epochs_between_steps
-        self.importance = importance.lower() if isinstance(importance, str) else importance
-        self.pruner = pruner.lower()
+        self.importance = checked.importance
+        self.pruner = checked.pruner
         self.regularization = regularization
         self.global_pruning = global_pruning
         self.network = network
-        self.ignored_layers = ignored
+        self.ignored_layers = checked.ignored_layers
         self.keep_output_layers = keep_output_layers
         self.round_to = round_to
         self.max_layer_ratio = float(max_layer_ratio)
-        self.example_input_shape = shape
+        self.example_input_shape = checked.example_input_shape
         self.verbose = verbose
 
         # Checkpointed state (plain values).
-        self._steps_done = 0
-        self._pruner_step = 0
-        self._history: list[PruningRecord] = []
-        self._example_spec: tuple[list[int], str] | None = None
-        self._initial_cost: tuple[int, int] | None = None  # (macs, params) before any step
-        self._cost: tuple[int, int] | None = None
-        self._initial_channels: dict[str, list[int | None]] = {}
-        self._scope_channels: dict[str, int] = {}
-        self._exhausted = False
-        self._taylor_gradients: dict[str, Tensor] = {}
-        self._summaries: list[dict[str, Any]] = []
+        self._progress = PruningProgress()
 
         # Runtime objects, rebuilt every run.
         self._schedule: list[int] | None = None
@@ -278,42 +201,33 @@ class StructuredPruning(Callback):
     @property
     def finished(self) -> bool:
         """Whether every pruning step is done (or a cost target proved unreachable and pruning stopped)."""
-        return self._steps_done >= self.iterative_steps or self._exhausted
+        return self._progress.steps_done >= self.iterative_steps or self._progress.exhausted
 
     @property
     def steps_done(self) -> int:
         """Number of pruning steps applied so far."""
-        return self._steps_done
+        return self._progress.steps_done
 
     @property
     def step_label(self) -> str:
-        """How an artifact records this pruning, e.g. ``"prune:l2:0.5"`` or ``"prune:lamp:macs=0.2"``."""
+        """How an artifact records this pruning, e.g. ``"prune:l2:0.5"`` or ``"prune:lamp:macs=0.8"`` (``pruning_ratio`` and, unless channels, ``target``)."""
         importance = self.importance if isinstance(self.importance, str) else type(self.importance).__name__
-        for value, prefix in (
-            (self.pruning_ratio, ""),
-            (self.target_macs_ratio, "macs="),
-            (self.target_params_ratio, "params="),
-        ):
-            if value is not None:
-                return f"prune:{importance}:{prefix}{value:g}"
-        return f"prune:{importance}"
+        kind = "" if self.target == "channels" else f"{self.target}="
+        return f"prune:{importance}:{kind}{self.pruning_ratio:g}"
 
     @property
     def step_summaries(self) -> list[dict[str, Any]]:
         """One plain dict per applied step: ``step``, ``epoch``, ``params``, ``macs``, ``macs_ratio``, ``seconds``."""
-        return [dict(s) for s in self._summaries]
+        return [dict(s) for s in self._progress.summaries]
 
     def pruning_history(self) -> list[PruningRecord]:
         """torch-pruning's records of every channel removal so far (plain lists, replayable on a fresh model)."""
-        return [list(r) for r in self._history]
+        return [list(r) for r in self._progress.history]
 
     @property
     def _cost_target(self) -> tuple[str, float] | None:
-        if self.target_macs_ratio is not None:
-            return "macs", float(self.target_macs_ratio)
-        if self.target_params_ratio is not None:
-            return "params", float(self.target_params_ratio)
-        return None
+        """``(kind, fraction kept)`` for a MACs or parameter target, ``None`` for a channel ratio."""
+        return None if self.target == "channels" else (self.target, 1.0 - self.pruning_ratio)
 
     @property
     def _settings(self) -> PrunerSettings:
@@ -321,7 +235,7 @@ class StructuredPruning(Callback):
             importance=self.importance,
             pruner=self.pruner,
             iterative_steps=self.iterative_steps,
-            channel_ratio=self.pruning_ratio,
+            channel_ratio=self.pruning_ratio if self.target == "channels" else None,
             cost_target=self._cost_target,
             global_pruning=self.global_pruning,
             round_to=self.round_to,
@@ -348,7 +262,7 @@ class StructuredPruning(Callback):
         """
         if self._preview is not None:
             return self._preview
-        if self.finished or self._history:
+        if self.finished or self._progress.history:
             return None
         network = self._resolve_network(pl_module)
         # The trial draws no random numbers from the run's generators and repeats no warning.
@@ -367,7 +281,7 @@ class StructuredPruning(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_trainer(trainer, stage)
+        check_trainer(trainer, stage)
         network = self._resolve_network(pl_module)
         candidates = self._names_inside(pl_module, network)
         self._ignored_names = match_names(
@@ -379,23 +293,28 @@ class StructuredPruning(Callback):
         self._logged_epoch = -1
         if stage == "fit":
             self._check_example_source(pl_module, network)
-            self._check_schedule(trainer)
+            check_schedule(
+                trainer,
+                self._schedule,
+                start_epoch=self.start_epoch,
+                epochs_between_steps=self.epochs_between_steps,
+            )
         self.restore_structure_(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = self._resolve_network(pl_module)
         applied = getattr(network, APPLIED_HISTORY_ATTR, [])
-        if applied != self._history:
+        if applied != self._progress.history:
             raise RuntimeError(
                 f"The network carries {len(applied)} pruning records but this StructuredPruning state holds"
-                f" {len(self._history)}: the callback was already used for another model or the model was pruned"
+                f" {len(self._progress.history)}: the callback was already used for another model or the model was pruned"
                 " elsewhere. Use a new StructuredPruning instance with a freshly constructed model, or resume with"
                 " `trainer.fit(model, ckpt_path=...)`."
             )
         if not self.finished:
             self._ensure_pruner(trainer, pl_module)
-            if not self._history:
+            if not self._progress.history:
                 self.preview_network(trainer, pl_module)
 
     @override
@@ -424,7 +343,7 @@ class StructuredPruning(Callback):
             return
         network = self._resolve_network(pl_module)
         if self._taylor:
-            self._accumulate_taylor_gradients(network)
+            self._progress.taylor_gradients.accumulate(network)
         if self.pruner in REGULARIZING_PRUNERS:
             # Grads are unscaled here (AMP) and the optimizer has not consumed them yet.
             self._pruner.regularize(network)
@@ -442,7 +361,7 @@ class StructuredPruning(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.finished:
             rank_zero_warn(
-                f"StructuredPruning: training ended after {self._steps_done} of {self.iterative_steps} pruning steps"
+                f"StructuredPruning: training ended after {self._progress.steps_done} of {self.iterative_steps} pruning steps"
                 f" (schedule: epochs {self._schedule}); the model is only partly pruned. Raise `max_epochs` or the"
                 " EarlyStopping patience."
             )
@@ -454,42 +373,11 @@ class StructuredPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "network": self.network,
-            "history": plain_records(self._history),
-            "steps_done": self._steps_done,
-            "pruner_step": self._pruner_step,
-            "iterative_steps": self.iterative_steps,
-            "example_input_shape": list(self._example_spec[0]) if self._example_spec else None,
-            "example_input_dtype": self._example_spec[1] if self._example_spec else None,
-            "initial_macs": self._initial_cost[0] if self._initial_cost else None,
-            "initial_params": self._initial_cost[1] if self._initial_cost else None,
-            "macs": self._cost[0] if self._cost else None,
-            "params": self._cost[1] if self._cost else None,
-            "initial_channels": {k: list(v) for k, v in self._initial_channels.items()},
-            "scope_channels": dict(self._scope_channels),
-            "exhausted": self._exhausted,
-            "summaries": [dict(s) for s in self._summaries],
-            "taylor_gradients": {k: v.detach().cpu() for k, v in self._taylor_gradients.items()},
-        }
+        return self._progress.state_dict(network=self.network, iterative_steps=self.iterative_steps)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._history = plain_records(state_dict.get("history", []))
-        self._steps_done = int(state_dict.get("steps_done", 0))
-        self._pruner_step = int(state_dict.get("pruner_step", 0))
-        shape, dtype = state_dict.get("example_input_shape"), state_dict.get("example_input_dtype")
-        self._example_spec = (list(shape), str(dtype)) if shape is not None and dtype is not None else None
-        if state_dict.get("initial_macs") is not None:
-            self._initial_cost = (int(state_dict["initial_macs"]), int(state_dict["initial_params"]))
-        if state_dict.get("macs") is not None:
-            self._cost = (int(state_dict["macs"]), int(state_dict["params"]))
-        self._initial_channels = {k: list(v) for k, v in state_dict.get("initial_channels", {}).items()}
-        self._scope_channels = dict(state_dict.get("scope_channels", {}))
-        self._exhausted = bool(state_dict.get("exhausted", False))
-        self._summaries = [dict(s) for s in state_dict.get("summaries", [])]
-        self._taylor_gradients = dict(state_dict.get("taylor_gradients", {}))
+        self._progress = PruningProgress.from_state_dict(state_dict)
         saved_steps = state_dict.get("iterative_steps", self.iterative_steps)
         if saved_steps != self.iterative_steps:
             rank_zero_warn(
@@ -526,15 +414,13 @@ class StructuredPruning(Callback):
         state = find_pruning_state(checkpoint)
         if state is None or not state.get("history"):
             return
-        network = self._resolve_network(pl_module)
         saved_name = state.get("network", "")
         if saved_name != self.network:
             raise RuntimeError(
                 f"The checkpoint was pruned on network {saved_name!r}, but this callback prunes {self.network!r}."
                 f" Set `network={saved_name!r}`."
             )
-        example = make_example(state["example_input_shape"], state["example_input_dtype"], device_of(network))
-        applied = apply_structure_(network, state["history"], example)
+        applied = apply_state_structure_(pl_module, state)
         if applied:
             rank_zero_info(
                 f"StructuredPruning: restored the pruned structure ({applied} records, step"
@@ -543,20 +429,11 @@ class StructuredPruning(Callback):
 
     # ------------------------------------------------------------------ setup checks
 
-    def _check_trainer(self, trainer: pl.Trainer, stage: str) -> None:
-        from lightning.pytorch.callbacks import ModelPruning
-
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        if any(isinstance(cb, ModelPruning) for cb in callbacks):
-            raise ValueError(
-                "Expected `callbacks` not to contain Lightning's `ModelPruning` together with StructuredPruning:"
-                " ModelPruning masks weights by parameter object and would keep masking the removed tensors."
-                " Use one of the two."
-            )
-        refuse_spawning_strategy(trainer, stage, "unpruned model, which cannot hold them")
-
     def _resolve_network(self, pl_module: pl.LightningModule) -> nn.Module:
         return unwrap_compiled(resolve_module(pl_module, self.network, arg_name="network"))
+
+    def _describe(self, pl_module: pl.LightningModule) -> str:
+        return f"network {self.network!r}" if self.network else type(pl_module).__name__
 
     def _is_whole_network(self, pl_module: pl.LightningModule, network: nn.Module) -> bool:
         """Whether ``network`` takes the LightningModule's own inputs (itself, or its one wrapped network)."""
@@ -575,24 +452,6 @@ class StructuredPruning(Callback):
             " `example_input_array` nor a training batch can be fed to it. Pass e.g. example_input_shape=[1, 64, 8, 8]."
         )
 
-    def _check_schedule(self, trainer: pl.Trainer) -> None:
-        max_epochs = trainer.max_epochs
-        last = self.last_step_epoch
-        if max_epochs is None or max_epochs < 0 or last is None:
-            return
-        if last >= max_epochs:
-            raise ValueError(
-                f"Expected the pruning schedule to end before `max_epochs`={max_epochs}, but the last of"
-                f" `iterative_steps`={self.iterative_steps} steps (`start_epoch`={self.start_epoch},"
-                f" `epochs_between_steps`={self.epochs_between_steps}) falls at epoch {last}. Lower the steps or"
-                f" raise max_epochs to at least {last + 1 + self.epochs_between_steps} to leave recovery epochs."
-            )
-        if last + self.epochs_between_steps > max_epochs:
-            rank_zero_warn(
-                f"StructuredPruning: the last step (epoch {last}) leaves {max_epochs - last} fine-tuning epochs,"
-                f" fewer than the {self.epochs_between_steps} between steps."
-            )
-
     # ------------------------------------------------------------------ pruner construction
 
     def _ensure_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> bool:
@@ -606,21 +465,16 @@ class StructuredPruning(Callback):
         return True
 
     def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor | None:
-        """Explicit shape, then the shape recorded in a checkpoint, ``example_input_array``, a training batch."""
-        device = device_of(network)
-        example: Tensor | None = None
-        if self.example_input_shape is not None:
-            example = make_example(self.example_input_shape, device=device)
-        elif self._example_spec is not None:
-            example = make_example(*self._example_spec, device=device)
-        elif self._is_whole_network(pl_module, network):
-            if isinstance(pl_module.example_input_array, Tensor):
-                example = pl_module.example_input_array.to(device)
-            elif batch is not None:
-                example = example_from_batch(batch).to(device)
-        if example is None:
-            return None
-        return self._match_dtype(network, example)
+        """See :func:`~lightning_hybridcomp._lightning.example_inputs`; in the network's floating dtype."""
+        example = example_inputs(
+            pl_module,
+            device=device_of(network),
+            shape=self.example_input_shape,
+            recorded=self._progress.example_spec,
+            whole_network=self._is_whole_network(pl_module, network),
+            batch=batch,
+        )
+        return None if example is None else self._match_dtype(network, example)
 
     @staticmethod
     def _match_dtype(network: nn.Module, example: Tensor) -> Tensor:
@@ -639,34 +493,20 @@ class StructuredPruning(Callback):
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # type: ignore[arg-type]  # noqa: E731
         pruner, self._agreement = self._settings.build(network, example, ignored, reduce=reduce)
         self._check_prunable(pruner, pl_module)
-        name_of = {m: n for n, m in network.named_modules()}
-        if not self._history:
-            self._initial_channels = {
-                name_of[m]: [pruner.layer_init_out_ch[m], pruner.layer_init_in_ch.get(m)]
-                for m in pruner.layer_init_out_ch
-                if m in name_of
-            }
-        else:
-            # Built on an already pruned network (resume): ratios and per-layer caps refer to the original.
-            for m in list(pruner.layer_init_out_ch):
-                saved = self._initial_channels.get(name_of.get(m, ""))
-                if saved is not None:
-                    pruner.layer_init_out_ch[m], pruner.layer_init_in_ch[m] = saved
-            pruner._scope_initial_channels = dict(self._scope_channels)
-        pruner.current_step = self._pruner_step
+        self._progress.sync_initial_channels_(pruner, network)
+        pruner.current_step = self._progress.pruner_step
         self._pruner = pruner
-        self._example_spec = (list(example.shape), str(example.dtype))
+        self._progress.example_spec = (list(example.shape), str(example.dtype))
         self._example = example
-        if self._initial_cost is None:
-            self._initial_cost = self._count(network, example)
-        if self._cost is None:
-            self._cost = self._count(network, example)
+        if self._progress.initial_cost is None:
+            self._progress.initial_cost = self._count(network, example)
+        if self._progress.cost is None:
+            self._progress.cost = self._count(network, example)
 
     def _check_prunable(self, pruner: tp.pruner.BasePruner, pl_module: pl.LightningModule) -> None:
         if not prunable_groups(pruner):
-            what = f"network {self.network!r}" if self.network else f"{type(pl_module).__name__}"
             raise ValueError(
-                f"Expected `network` ({what}) to contain prunable layers (Conv, Linear, LSTM) outside"
+                f"Expected `network` ({self._describe(pl_module)}) to contain prunable layers (Conv, Linear, LSTM) outside"
                 f" `ignored_layers` and the output layers, found none. Ignored: {self._ignored_names}"
                 f"{' + detected output layers' if self.keep_output_layers else ''}."
             )
@@ -686,12 +526,8 @@ class StructuredPruning(Callback):
                 check=lambda pruner: self._check_prunable(pruner, pl_module),
             )
         except TrialFailure as failure:
-            what = f"network {self.network!r}" if self.network else type(pl_module).__name__
-            cause = failure.__cause__
-            reason = " ".join(str(cause).split())[:300] or "no message"
-            raise ValueError(
-                f"StructuredPruning cannot prune {what}: a trial run failed while {failure.stage}"
-                f" ({type(cause).__name__}: {reason}). {failure.hint()}. Nothing was trained or changed."
+            raise failure.as_value_error(
+                f"StructuredPruning cannot prune {self._describe(pl_module)}"
             ) from None
 
     def _release_pruner(self) -> None:
@@ -707,7 +543,9 @@ class StructuredPruning(Callback):
     def _run_due_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._schedule is not None
         epoch = trainer.current_epoch
-        due = [k for k in range(self._steps_done, self.iterative_steps) if self._schedule[k] <= epoch]
+        due = [
+            k for k in range(self._progress.steps_done, self.iterative_steps) if self._schedule[k] <= epoch
+        ]
         if len(due) > 1:
             rank_zero_warn(
                 f"StructuredPruning: {len(due)} pruning steps are overdue at epoch {epoch} (schedule {self._schedule});"
@@ -720,10 +558,10 @@ class StructuredPruning(Callback):
 
     def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pruner = self._pruner
-        assert pruner is not None and self._initial_cost is not None
+        assert pruner is not None and self._progress.initial_cost is not None
         network = self._resolve_network(pl_module)
         start = time.perf_counter()
-        step = self._steps_done + 1
+        step = self._progress.steps_done + 1
         snapshot = TrainingStateSnapshot.capture(trainer, pl_module)
         originals = dict(pl_module.named_parameters())
         before = len(pruner.pruning_history())
@@ -733,7 +571,8 @@ class StructuredPruning(Callback):
             eager_mode(),
             ParameterSlicing() as slicing,
         ):
-            self._install_taylor_gradients(network)
+            if self._taylor:
+                self._progress.taylor_gradients.install(network)
             if self._agreement is not None:
                 self._agreement.active = True
             try:
@@ -757,27 +596,17 @@ class StructuredPruning(Callback):
         if self.pruner in REGULARIZING_PRUNERS:
             pruner.update_regularizer()
 
-        self._history.extend(records)
-        setattr(network, APPLIED_HISTORY_ATTR, [list(r) for r in self._history])
-        self._steps_done = step
-        self._pruner_step = pruner.current_step
-        self._scope_channels = {str(k): int(v) for k, v in pruner._scope_initial_channels.items()}
-        self._taylor_gradients = {}
         assert self._example is not None
         macs, params = self._count(network, self._example)
-        self._cost = (macs, params)
-        seconds = time.perf_counter() - start
-        summary = {
-            "step": step,
-            "epoch": trainer.current_epoch,
-            "params": params,
-            "macs": macs,
-            "params_ratio": params / max(self._initial_cost[1], 1),
-            "macs_ratio": macs / max(self._initial_cost[0], 1),
-            "seconds": seconds,
-        }
-        self._summaries.append(summary)
-        if not records and self._cost_target is None and (self.pruning_ratio or 0) > 0:
+        summary = self._progress.complete_step(
+            records,
+            epoch=trainer.current_epoch,
+            pruner=pruner,
+            cost=(macs, params),
+            seconds=time.perf_counter() - start,
+        )
+        setattr(network, APPLIED_HISTORY_ATTR, [list(r) for r in self._progress.history])
+        if not records and self._cost_target is None and self.pruning_ratio > 0:
             rank_zero_warn(
                 f"StructuredPruning: step {step} removed no channels (importance {self.importance!r} gave no scores,"
                 " or every layer is ignored or at `max_layer_ratio`/`round_to` limits)."
@@ -785,8 +614,9 @@ class StructuredPruning(Callback):
         if self.verbose:
             rank_zero_info(
                 f"StructuredPruning step {step}/{self.iterative_steps} at epoch {trainer.current_epoch}: params"
-                f" {self._initial_cost[1]:,} -> {params:,} ({summary['params_ratio']:.3f}x), MACs"
-                f" {self._initial_cost[0]:,} -> {macs:,} ({summary['macs_ratio']:.3f}x), {seconds:.2f}s"
+                f" {self._progress.initial_cost[1]:,} -> {params:,} ({summary['params_ratio']:.3f}x), MACs"
+                f" {self._progress.initial_cost[0]:,} -> {macs:,} ({summary['macs_ratio']:.3f}x),"
+                f" {summary['seconds']:.2f}s"
             )
         reset_monitors(trainer)
         if self.finished:
@@ -795,15 +625,16 @@ class StructuredPruning(Callback):
     def _step_to_cost(
         self, pruner: tp.pruner.BasePruner, network: nn.Module, cost: tuple[str, float], step: int
     ) -> None:
-        assert self._initial_cost is not None and self._example is not None
+        assert self._progress.initial_cost is not None and self._example is not None
         kind, target = cost
         fraction = 1.0 - (1.0 - target) * step / self.iterative_steps
-        initial = self._initial_cost[0] if kind == "macs" else self._initial_cost[1]
+        initial = self._progress.initial_cost[0] if kind == "macs" else self._progress.initial_cost[1]
         stopped_at = self._settings.prune_to_cost(pruner, network, self._example, initial, kind, fraction)
         if stopped_at is not None:
-            self._exhausted = True
+            self._progress.exhausted = True
             rank_zero_warn(
-                f"StructuredPruning: cannot reach target_{kind}_ratio={target}: stopped at {stopped_at:.3f}x after"
+                f"StructuredPruning: cannot reach `pruning_ratio`={self.pruning_ratio:g} of the {kind} (keep"
+                f" {target:g}x): stopped at {stopped_at:.3f}x after"
                 f" step {step}; layers are limited by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored"
                 " and output layers. Pruning stops here."
             )
@@ -820,47 +651,22 @@ class StructuredPruning(Callback):
                 " is not deterministic given identical inputs)."
             )
 
-    def _accumulate_taylor_gradients(self, network: nn.Module) -> None:
-        for name, p in network.named_parameters():
-            if p.grad is None:
-                continue
-            grad = p.grad.detach()
-            acc = self._taylor_gradients.get(name)
-            if acc is None or acc.shape != grad.shape:
-                self._taylor_gradients[name] = grad.clone()
-            else:
-                # Sums restored from a checkpoint live on the CPU.
-                self._taylor_gradients[name] = acc.to(grad.device).add_(grad)
-
-    def _install_taylor_gradients(self, network: nn.Module) -> None:
-        if not self._taylor:
-            return
-        if not self._taylor_gradients:
-            raise RuntimeError(
-                "StructuredPruning: Taylor importance needs gradients from training batches before the step, but"
-                " none were recorded since the previous step (no optimizer step ran). Start pruning later or pick"
-                " another `importance`."
-            )
-        for name, p in network.named_parameters():
-            grad = self._taylor_gradients.get(name)
-            if grad is not None and grad.shape == p.shape:
-                p.grad = grad.to(device=p.device, dtype=p.dtype)
-            else:
-                # Frozen parameters have no gradient; count their Taylor contribution as zero.
-                p.grad = torch.zeros_like(p)
-
     # ------------------------------------------------------------------ after a step
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._cost is None or self._initial_cost is None or self._logged_epoch == trainer.current_epoch:
+        if (
+            self._progress.cost is None
+            or self._progress.initial_cost is None
+            or self._logged_epoch == trainer.current_epoch
+        ):
             return
         self._logged_epoch = trainer.current_epoch
-        macs, params = self._cost
+        macs, params = self._progress.cost
         sync = trainer.world_size > 1
         for key, value in (
             ("pruning/params", float(params)),
             ("pruning/macs", float(macs)),
-            ("pruning/macs_ratio", macs / max(self._initial_cost[0], 1)),
-            ("pruning/step", float(self._steps_done)),
+            ("pruning/macs_ratio", macs / max(self._progress.initial_cost[0], 1)),
+            ("pruning/step", float(self._progress.steps_done)),
         ):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)

@@ -114,7 +114,7 @@ def test_macs_and_params_drop_to_target(
     model = Classifier(backbone, in_channels=in_channels, image_size=image_size)
     shape = (1, in_channels, image_size, image_size)
     macs0, params0 = _costs(model.net, shape)
-    pruning = StructuredPruning(target_macs_ratio=0.5, iterative_steps=2)
+    pruning = StructuredPruning(pruning_ratio=0.5, target="macs", iterative_steps=2)
     trainer = _trainer(tmp_path, [pruning], max_epochs=3, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(model)
 
@@ -145,8 +145,10 @@ def test_channel_ratio_removes_half_of_every_layer(tmp_path: Path) -> None:
 
 def test_unreachable_target_warns_once_and_stops(tmp_path: Path) -> None:
     model = Classifier("small_cnn")
-    pruning = StructuredPruning(target_macs_ratio=0.05, iterative_steps=2, max_layer_ratio=0.5)
-    with pytest.warns(UserWarning, match="cannot reach target_macs_ratio=0.05") as record:
+    pruning = StructuredPruning(pruning_ratio=0.95, target="MACs", iterative_steps=2, max_layer_ratio=0.5)
+    with pytest.warns(
+        UserWarning, match=r"cannot reach `pruning_ratio`=0.95 of the macs \(keep 0.05x\)"
+    ) as record:
         _trainer(tmp_path, [pruning], max_epochs=3, limit_train_batches=1).fit(model)
     assert sum("cannot reach" in str(w.message) for w in record) == 1
     assert pruning.finished
@@ -379,7 +381,10 @@ def _fit_with_checkpoints(
 
 @pytest.mark.parametrize(
     "pruning_kwargs",
-    [{"pruning_ratio": 0.5}, {"target_macs_ratio": 0.4, "global_pruning": True, "importance": "lamp"}],
+    [
+        {"pruning_ratio": 0.5},
+        {"pruning_ratio": 0.6, "target": "macs", "global_pruning": True, "importance": "lamp"},
+    ],
     ids=["ratio-per-layer", "macs-global"],
 )
 def test_resume_mid_pruning_equals_uninterrupted_run(tmp_path: Path, pruning_kwargs: dict[str, Any]) -> None:
@@ -440,7 +445,7 @@ def test_pruned_checkpoint_reloads_with_identical_outputs(tmp_path: Path) -> Non
 
 def test_checkpoint_early_stopping_accumulation_and_bf16(tmp_path: Path) -> None:
     model = Classifier("small_cnn")
-    pruning = StructuredPruning(target_params_ratio=0.5, iterative_steps=2, start_epoch=1)
+    pruning = StructuredPruning(pruning_ratio=0.5, target="params", iterative_steps=2, start_epoch=1)
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", mode="min", save_top_k=1)
     stop = EarlyStopping(monitor="val_loss", patience=2, mode="min")
     trainer = _trainer(
@@ -502,6 +507,34 @@ def test_ddp_ranks_that_disagree_fail_together(tmp_path: Path) -> None:
     assert "the ranks removed different channels" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "label", "cost_target"),
+    [
+        ({}, "prune:l1:0.5", None),
+        ({"pruning_ratio": 0.3, "importance": "L2"}, "prune:l2:0.3", None),
+        (
+            {"pruning_ratio": 0.8, "target": "MACs", "importance": "lamp"},
+            "prune:lamp:macs=0.8",
+            ("macs", 0.2),
+        ),
+        ({"pruning_ratio": 0.25, "target": "params"}, "prune:l1:params=0.25", ("params", 0.75)),
+    ],
+)
+def test_one_ratio_with_a_target_kind(kwargs, label, cost_target):
+    pruning = StructuredPruning(**kwargs)
+    assert pruning.step_label == label
+    kept = pruning._settings.cost_target
+    assert (kept is None) == (cost_target is None)
+    if cost_target is not None:
+        assert kept[0] == cost_target[0] and kept[1] == pytest.approx(cost_target[1])
+        assert pruning._settings.channel_ratio is None
+
+
+def test_removed_target_arguments_name_the_new_ones():
+    with pytest.raises(TypeError, match="target_macs_ratio"):
+        StructuredPruning(target_macs_ratio=0.3)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -510,9 +543,14 @@ def test_ddp_ranks_that_disagree_fail_together(tmp_path: Path) -> None:
     [
         ({"pruning_ratio": 1.0}, ValueError, r"`pruning_ratio` to be a float in \[0, 1\)"),
         ({"pruning_ratio": -0.1}, ValueError, r"`pruning_ratio`"),
-        ({"target_macs_ratio": 0.0}, ValueError, r"`target_macs_ratio` to be a float in \(0, 1\]"),
-        ({"target_params_ratio": 1.5}, ValueError, r"`target_params_ratio`"),
-        ({"pruning_ratio": 0.5, "target_macs_ratio": 0.3}, ValueError, "at most one of"),
+        ({"target": "flops"}, ValueError, r"`target` to be one of \('channels', 'macs', 'params'\)"),
+        ({"target": 3}, TypeError, "`target` to be a string"),
+        (
+            {"pruning_ratio": 1.0, "target": "macs"},
+            ValueError,
+            r"`pruning_ratio`.*fraction of the original macs",
+        ),
+        ({"pruning_ratio": None}, ValueError, "`pruning_ratio`"),
         ({"importance": "l3"}, ValueError, r"`importance` to be .* one of"),
         ({"importance": nn.Linear(1, 1)}, TypeError, r"`importance` to be a name or"),
         ({"pruner": "magnitude"}, ValueError, r"`pruner` to be one of"),
