@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import torch_pruning as tp
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from lightning_hybridcomp._lightning import refuse_spawning_strategy
 from lightning_hybridcomp._validation import (
@@ -22,9 +23,23 @@ from lightning_hybridcomp._validation import (
     expect_shape,
     is_number,
 )
-from lightning_hybridcomp.callbacks._pruning_utils import IMPORTANCE_NAMES, PRUNER_NAMES, REGULARIZING_PRUNERS
+from lightning_hybridcomp.callbacks._pruning_utils import (
+    APPLIED_HISTORY_ATTR,
+    IMPORTANCE_NAMES,
+    PRUNER_NAMES,
+    REGULARIZING_PRUNERS,
+    PruningRecord,
+)
 
-__all__ = ["TARGETS", "CheckedArguments", "check_arguments", "check_schedule", "check_trainer"]
+__all__ = [
+    "TARGETS",
+    "CheckedArguments",
+    "check_arguments",
+    "check_history",
+    "check_ranks_agree",
+    "check_schedule",
+    "check_trainer",
+]
 
 #: What ``pruning_ratio`` is a fraction of: channels removed per layer, or MACs / parameters removed.
 TARGETS = ("channels", "macs", "params")
@@ -161,4 +176,30 @@ def check_schedule(
         rank_zero_warn(
             f"StructuredPruning: the last step (epoch {last}) leaves {max_epochs - last} fine-tuning epochs,"
             f" fewer than the {epochs_between_steps} between steps."
+        )
+
+
+def check_history(network: nn.Module, history: list[PruningRecord]) -> None:
+    """Refuse a network that carries other pruning records than the callback's state (reuse, or pruned elsewhere)."""
+    applied = getattr(network, APPLIED_HISTORY_ATTR, [])
+    if applied != history:
+        raise RuntimeError(
+            f"The network carries {len(applied)} pruning records but this StructuredPruning state holds"
+            f" {len(history)}: the callback was already used for another model or the model was pruned"
+            " elsewhere. Use a new StructuredPruning instance with a freshly constructed model, or resume with"
+            " `trainer.fit(model, ckpt_path=...)`."
+        )
+
+
+def check_ranks_agree(trainer: pl.Trainer, records: list[PruningRecord]) -> None:
+    """Under DDP, make sure every rank removed the same channels in a step; every rank raises if not."""
+    if trainer.world_size <= 1:
+        return
+    reference = trainer.strategy.broadcast(records, src=0)
+    # Decided together, so that every rank raises instead of one waiting forever in a collective.
+    if not trainer.strategy.reduce_boolean_decision(reference == records, all=True):
+        raise RuntimeError(
+            "StructuredPruning: the ranks removed different channels. Importance scores are averaged over"
+            " ranks, so this means their networks or scores already differed (e.g. a custom importance that"
+            " is not deterministic given identical inputs)."
         )

@@ -30,7 +30,13 @@ from lightning_hybridcomp._lightning import (
     resolve_module,
 )
 from lightning_hybridcomp.callbacks._pruner import PrunerSettings, TrialFailure
-from lightning_hybridcomp.callbacks._pruning_checks import check_arguments, check_schedule, check_trainer
+from lightning_hybridcomp.callbacks._pruning_checks import (
+    check_arguments,
+    check_history,
+    check_ranks_agree,
+    check_schedule,
+    check_trainer,
+)
 from lightning_hybridcomp.callbacks._pruning_state import PruningProgress
 from lightning_hybridcomp.callbacks._pruning_utils import (
     APPLIED_HISTORY_ATTR,
@@ -304,14 +310,7 @@ class StructuredPruning(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = self._resolve_network(pl_module)
-        applied = getattr(network, APPLIED_HISTORY_ATTR, [])
-        if applied != self._progress.history:
-            raise RuntimeError(
-                f"The network carries {len(applied)} pruning records but this StructuredPruning state holds"
-                f" {len(self._progress.history)}: the callback was already used for another model or the model was pruned"
-                " elsewhere. Use a new StructuredPruning instance with a freshly constructed model, or resume with"
-                " `trainer.fit(model, ckpt_path=...)`."
-            )
+        check_history(network, self._progress.history)
         if not self.finished:
             self._ensure_pruner(trainer, pl_module)
             if not self._progress.history:
@@ -589,7 +588,7 @@ class StructuredPruning(Callback):
             for p in network.parameters():
                 p.grad = None
         records = plain_records(pruner.pruning_history()[before:])
-        self._check_ranks_agree(trainer, records)
+        check_ranks_agree(trainer, records)
         for by_name in snapshot.state_by_name:
             slicing.carry_optimizer_state_(by_name, originals)
         snapshot.restore_(trainer, pl_module)
@@ -637,18 +636,6 @@ class StructuredPruning(Callback):
                 f" {target:g}x): stopped at {stopped_at:.3f}x after"
                 f" step {step}; layers are limited by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored"
                 " and output layers. Pruning stops here."
-            )
-
-    def _check_ranks_agree(self, trainer: pl.Trainer, records: list[PruningRecord]) -> None:
-        if trainer.world_size <= 1:
-            return
-        reference = trainer.strategy.broadcast(records, src=0)
-        # Decided together, so that every rank raises instead of one waiting forever in a collective.
-        if not trainer.strategy.reduce_boolean_decision(reference == records, all=True):
-            raise RuntimeError(
-                "StructuredPruning: the ranks removed different channels. Importance scores are averaged over"
-                " ranks, so this means their networks or scores already differed (e.g. a custom importance that"
-                " is not deterministic given identical inputs)."
             )
 
     # ------------------------------------------------------------------ after a step
