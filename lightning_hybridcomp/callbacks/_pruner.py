@@ -151,6 +151,30 @@ class PrunerSettings:
             pruner = pruner_class(self.pruner)(network, (example,), **kwargs)
         return pruner, agreement
 
+    def advance(
+        self,
+        pruner: tp.pruner.BasePruner,
+        network: nn.Module,
+        example: Tensor,
+        step: int,
+        initial_cost: tuple[int, int],
+    ) -> float | None:
+        """Apply the callback's ``step`` (1-based) of :attr:`iterative_steps` with ``pruner``.
+
+        A channel ratio advances torch-pruning's own schedule to the step's share; a cost target prunes
+        until ``1 - (1 - kept) * step / iterative_steps`` of the ``initial_cost`` (MACs, params) is left.
+        Returns ``None``, or the cost ratio where a cost target ran out of channels.
+        """
+        if self.cost_target is None:
+            until = step * pruner.iterative_steps // self.iterative_steps
+            while pruner.current_step < until:
+                pruner.step()
+            return None
+        kind, kept = self.cost_target
+        fraction = 1.0 - (1.0 - kept) * step / self.iterative_steps
+        initial = initial_cost[0] if kind == "macs" else initial_cost[1]
+        return self.prune_to_cost(pruner, network, example, initial, kind, fraction)
+
     def prune_to_cost(
         self,
         pruner: tp.pruner.BasePruner,

@@ -557,7 +557,7 @@ class StructuredPruning(Callback):
 
     def _prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pruner = self._pruner
-        assert pruner is not None and self._progress.initial_cost is not None
+        assert pruner is not None and self._progress.initial_cost is not None and self._example is not None
         network = self._resolve_network(pl_module)
         start = time.perf_counter()
         step = self._progress.steps_done + 1
@@ -575,13 +575,9 @@ class StructuredPruning(Callback):
             if self._agreement is not None:
                 self._agreement.active = True
             try:
-                cost = self._cost_target
-                if cost is None:
-                    until = step * pruner.iterative_steps // self.iterative_steps
-                    while pruner.current_step < until:
-                        pruner.step()
-                else:
-                    self._step_to_cost(pruner, network, cost, step)
+                stopped_at = self._settings.advance(
+                    pruner, network, self._example, step, self._progress.initial_cost
+                )
             finally:
                 if self._agreement is not None:
                     self._agreement.active = False
@@ -595,7 +591,15 @@ class StructuredPruning(Callback):
         if self.pruner in REGULARIZING_PRUNERS:
             pruner.update_regularizer()
 
-        assert self._example is not None
+        if stopped_at is not None:
+            self._progress.exhausted = True
+            kept = self._settings.cost_target
+            rank_zero_warn(
+                f"StructuredPruning: cannot reach `pruning_ratio`={self.pruning_ratio:g} of the {self.target} (keep"
+                f" {kept[1] if kept else 1:g}x): stopped at {stopped_at:.3f}x after step {step}; layers are limited"
+                f" by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored and output layers. Pruning stops"
+                " here."
+            )
         macs, params = self._count(network, self._example)
         summary = self._progress.complete_step(
             records,
@@ -620,23 +624,6 @@ class StructuredPruning(Callback):
         reset_monitors(trainer)
         if self.finished:
             self._release_pruner()
-
-    def _step_to_cost(
-        self, pruner: tp.pruner.BasePruner, network: nn.Module, cost: tuple[str, float], step: int
-    ) -> None:
-        assert self._progress.initial_cost is not None and self._example is not None
-        kind, target = cost
-        fraction = 1.0 - (1.0 - target) * step / self.iterative_steps
-        initial = self._progress.initial_cost[0] if kind == "macs" else self._progress.initial_cost[1]
-        stopped_at = self._settings.prune_to_cost(pruner, network, self._example, initial, kind, fraction)
-        if stopped_at is not None:
-            self._progress.exhausted = True
-            rank_zero_warn(
-                f"StructuredPruning: cannot reach `pruning_ratio`={self.pruning_ratio:g} of the {kind} (keep"
-                f" {target:g}x): stopped at {stopped_at:.3f}x after"
-                f" step {step}; layers are limited by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored"
-                " and output layers. Pruning stops here."
-            )
 
     # ------------------------------------------------------------------ after a step
 
