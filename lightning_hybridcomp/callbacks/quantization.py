@@ -39,6 +39,7 @@ from lightning_hybridcomp._lightning import (
 from lightning_hybridcomp._validation import expect_bool, expect_choice, expect_int, expect_shape
 from lightning_hybridcomp.artifacts import ArtifactMetadata, build_artifact, save_artifact
 from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
+from lightning_hybridcomp.callbacks._qat_state import STAGES, QATProgress
 from lightning_hybridcomp.callbacks._subclass_state import (
     flatten_tensor_subclasses_,
     unflatten_tensor_subclasses_,
@@ -52,8 +53,6 @@ from lightning_hybridcomp.programs import (
 
 __all__ = ["QuantizationAwareTraining"]
 
-_STATE_VERSION = 1
-_STAGES = ("float", "fake_quant", "converted")
 _LEGACY_BACKENDS = ("fbgemm", "qnnpack", "x86", "onednn", "eager", "fx")
 _HOST_NAME = "qat_network"
 
@@ -184,18 +183,11 @@ class QuantizationAwareTraining(Callback):
         self.verbose = verbose
 
         self._impl: QuantizationBackend = make_backend(key)
-        self._stage = "float"
+        self._progress = QATProgress()
         self._network_name: str | None = None
-        self._example_shape: list[int] | None = None
-        self._example_dtype = "torch.float32"
-        self._started_at: int | None = None
-        self._observers_frozen = False
-        self._bn_frozen = False
-        self._qparams: dict[str, dict[str, float | int]] = {}
         self._float_network: nn.Module | None = None
         self._hosted: nn.Module | None = None
         self._pl_module: pl.LightningModule | None = None
-        self._costs: dict[str, int] = {}
         self._summary: ArtifactMetadata | None = None
         self._wait_reported = False
         self._interceptor = CheckpointLoadInterceptor()
@@ -211,17 +203,22 @@ class QuantizationAwareTraining(Callback):
     @property
     def stage(self) -> str:
         """``"float"``, ``"fake_quant"`` or ``"converted"``."""
-        return self._stage
+        return self._progress.stage
 
     @property
     def quantized_network(self) -> nn.Module | None:
         """The fake-quant or int8 network now in the LightningModule (``None`` in the float stage)."""
-        return self._hosted if self._stage != "float" else None
+        return self._hosted if self._progress.stage != "float" else None
 
     @property
     def summary(self) -> ArtifactMetadata | None:
         """Metadata of the converted model's artifact (bytes, MACs, params), known after conversion."""
         return self._summary
+
+    @property
+    def _started_at(self) -> int | None:
+        # The epoch fake quantization was inserted at; the tests read it under this name.
+        return self._progress.started_at
 
     def save_artifact(
         self,
@@ -276,7 +273,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stage == "converted":
+        if self._progress.stage == "converted":
             raise RuntimeError(
                 "The network was already converted to int8 by this QuantizationAwareTraining callback and cannot be"
                 " trained further. Fit a fresh model, or resume an earlier checkpoint with"
@@ -287,7 +284,7 @@ class QuantizationAwareTraining(Callback):
             self.start_step is None
             and start != self.start_epoch
             and not self._wait_reported
-            and self._stage == "float"
+            and self._progress.stage == "float"
         ):
             self._wait_reported = True
             rank_zero_warn(
@@ -295,39 +292,44 @@ class QuantizationAwareTraining(Callback):
                 f" (epoch {start}); fake quantization waits and starts at epoch {start}, after pruning."
             )
         max_epochs = trainer.max_epochs
-        if self._stage == "float" and max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
+        if (
+            self._progress.stage == "float"
+            and max_epochs is not None
+            and max_epochs >= 0
+            and start >= max_epochs
+        ):
             raise ValueError(
                 f"Expected fake quantization to start before `max_epochs`={max_epochs}, but it would start at epoch"
                 f" {start} (after the last pruning step). Raise max_epochs to at least {start + 1}."
             )
-        if self._stage == "float":
+        if self._progress.stage == "float":
             self._trial_prepare(trainer, pl_module)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._stage == "float" and self._is_due(trainer):
+        if self._progress.stage == "float" and self._is_due(trainer):
             self._start_fake_quant(trainer, pl_module, batch)
-        if self._stage == "fake_quant":
+        if self._progress.stage == "fake_quant":
             self._apply_freezing(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.log("qat/stage", float(_STAGES.index(self._stage)), on_epoch=True, sync_dist=True)
-        if self._costs:
-            pl_module.log("qat/macs", float(self._costs["macs"]), on_epoch=True, sync_dist=True)
-            pl_module.log("qat/params", float(self._costs["params"]), on_epoch=True, sync_dist=True)
+        pl_module.log("qat/stage", float(STAGES.index(self._progress.stage)), on_epoch=True, sync_dist=True)
+        if self._progress.costs:
+            pl_module.log("qat/macs", float(self._progress.costs["macs"]), on_epoch=True, sync_dist=True)
+            pl_module.log("qat/params", float(self._progress.costs["params"]), on_epoch=True, sync_dist=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stage == "float":
+        if self._progress.stage == "float":
             rank_zero_warn(
                 "QuantizationAwareTraining: training ended before fake quantization started"
                 f" (start_epoch={self.start_epoch}, start_step={self.start_step}); the model is still fp32."
             )
             return
-        if self._stage == "fake_quant" and self.convert_on_fit_end:
+        if self._progress.stage == "fake_quant" and self.convert_on_fit_end:
             self._convert(trainer, pl_module)
             if self._summary is not None:
                 metrics = {
@@ -354,7 +356,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self.log_fake_quant_error or self._stage != "fake_quant":
+        if trainer.sanity_checking or not self.log_fake_quant_error or self._progress.stage != "fake_quant":
             return
         if self._hosted is not None and self._error_hook is None:
             self._error_hook = self._hosted.register_forward_hook(self._capture_output)
@@ -402,30 +404,12 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "backend": self.backend,
-            "stage": self._stage,
-            "network_name": self._network_name,
-            "example_input_shape": list(self._example_shape) if self._example_shape else None,
-            "example_input_dtype": self._example_dtype,
-            "started_at": self._started_at,
-            "observers_frozen": self._observers_frozen,
-            "bn_frozen": self._bn_frozen,
-            "qparams": {k: dict(v) for k, v in self._qparams.items()},
-            "costs": dict(self._costs),
-        }
+        return self._progress.state_dict(backend=self.backend, network_name=self._network_name)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The structure itself was rebuilt from the same state before the weights loaded; these are the counters.
-        self._started_at = state_dict.get("started_at")
-        self._observers_frozen = bool(state_dict.get("observers_frozen", False))
-        self._bn_frozen = bool(state_dict.get("bn_frozen", False))
-        self._costs = {k: int(v) for k, v in state_dict.get("costs", {}).items()}
-        shape = state_dict.get("example_input_shape")
-        self._example_shape = list(shape) if shape else self._example_shape
-        self._example_dtype = str(state_dict.get("example_input_dtype") or self._example_dtype)
+        self._progress.load_state_dict(state_dict)
         self._wait_reported = self._wait_reported or state_dict.get("stage", "float") != "float"
 
     # ------------------------------------------------------------------ schedule
@@ -458,16 +442,20 @@ class QuantizationAwareTraining(Callback):
             return
         epoch = trainer.current_epoch
         if (
-            not self._observers_frozen
+            not self._progress.observers_frozen
             and self.freeze_observers_epoch is not None
             and epoch >= self.freeze_observers_epoch
         ):
-            self._observers_frozen = True
+            self._progress.observers_frozen = True
             self._info(f"froze the activation observers at epoch {epoch}.")
-        if not self._bn_frozen and self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
-            self._bn_frozen = True
+        if (
+            not self._progress.bn_frozen
+            and self.freeze_bn_epoch is not None
+            and epoch >= self.freeze_bn_epoch
+        ):
+            self._progress.bn_frozen = True
             self._info(f"froze the BatchNorm statistics at epoch {epoch}.")
-        self._impl.set_frozen(hosted, observers=self._observers_frozen, bn=self._bn_frozen)
+        self._impl.set_frozen(hosted, observers=self._progress.observers_frozen, bn=self._progress.bn_frozen)
 
     # ------------------------------------------------------------------ stage changes
 
@@ -477,7 +465,7 @@ class QuantizationAwareTraining(Callback):
         snapshot = TrainingStateSnapshot.capture(trainer, pl_module)
         self._prepare_(pl_module, network, example)
         snapshot.restore_(trainer, pl_module)
-        self._started_at = trainer.current_epoch
+        self._progress.started_at = trainer.current_epoch
         self._apply_freezing(trainer)
         self._info(
             f"inserted fake quantization ({self.backend}) into {self._describe_network()} at epoch"
@@ -537,15 +525,15 @@ class QuantizationAwareTraining(Callback):
     def _prepare_(self, pl_module: pl.LightningModule, network: nn.Module, example: Tensor) -> None:
         """Trace ``network`` and host its fake-quant version; the LightningModule is untouched on failure."""
         example = example.detach()
-        self._costs = {}
+        self._progress.costs = {}
         prepared = self._impl.prepare(network, example)
-        self._example_shape = list(example.shape)
-        self._example_dtype = str(example.dtype)
+        self._progress.example_shape = list(example.shape)
+        self._progress.example_dtype = str(example.dtype)
         self._float_network = network
         self._host(pl_module, prepared)
-        self._stage = "fake_quant"
+        self._progress.stage = "fake_quant"
         with contextlib.suppress(Exception):  # a cost figure is not worth failing the run for
-            self._costs = _costs(prepared, example[:1])
+            self._progress.costs = _costs(prepared, example[:1])
 
     def _convert(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
         prepared = self._hosted
@@ -555,9 +543,9 @@ class QuantizationAwareTraining(Callback):
             # Each rank's observers and BN statistics saw its own last batches; convert rank 0's everywhere.
             _broadcast_tensors_(trainer, prepared)
         converted = self._impl.convert(prepared)
-        self._qparams = self._impl.qparams(converted)
+        self._progress.qparams = self._impl.qparams(converted)
         self._host(pl_module, converted)
-        self._stage = "converted"
+        self._progress.stage = "converted"
         self._measure()
         if self._summary is not None:
             self._info(
@@ -568,7 +556,7 @@ class QuantizationAwareTraining(Callback):
     def _measure(self) -> None:
         """Artifact bytes, MACs and params of the converted network (``summary``)."""
         self._summary = None
-        if self._stage != "converted" or self._hosted is None:
+        if self._progress.stage != "converted" or self._hosted is None:
             return
         try:
             example = self._random_example(self._hosted)
@@ -578,22 +566,26 @@ class QuantizationAwareTraining(Callback):
         except Exception as err:  # a converted model that cannot be re-exported still evaluates
             rank_zero_warn(f"QuantizationAwareTraining: could not measure the int8 artifact ({err}).")
             return
-        self._costs = {"macs": self._summary.macs, "params": self._summary.params}
+        self._progress.costs = {"macs": self._summary.macs, "params": self._summary.params}
 
     def _convert_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fake-quant checkpoint evaluated outside `fit` runs as the int8 model `fit` would have produced.
-        if trainer.state.fn != TrainerFn.FITTING and self._stage == "fake_quant" and self.convert_on_fit_end:
+        if (
+            trainer.state.fn != TrainerFn.FITTING
+            and self._progress.stage == "fake_quant"
+            and self.convert_on_fit_end
+        ):
             self._convert(trainer, pl_module)
             if self._hosted is not None:
                 self._hosted.eval()
 
     def _revert_to_float(self, pl_module: pl.LightningModule) -> None:
-        if self._stage == "float" or self._hosted is None:
+        if self._progress.stage == "float" or self._hosted is None:
             return
         restored = self._impl.revert(self._hosted, self._float_network)
         self._unhost(pl_module, restored)
-        self._stage = "float"
-        self._qparams = {}
+        self._progress.stage = "float"
+        self._progress.qparams = {}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -606,7 +598,7 @@ class QuantizationAwareTraining(Callback):
             cb.restore_structure_(trainer, pl_module, checkpoint)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         target = state.get("stage", "float") if isinstance(state, Mapping) else "float"
-        if target not in _STAGES:
+        if target not in STAGES:
             raise RuntimeError(f"The checkpoint records an unknown QAT stage {target!r}.")
         if target == "float" or state is None:
             return
@@ -641,14 +633,16 @@ class QuantizationAwareTraining(Callback):
             self._impl.calibrate(hosted, example)
             converted = self._impl.convert(hosted)
             self._impl.apply_qparams(converted, state.get("qparams", {}))
-            self._qparams = self._impl.qparams(converted)
+            self._progress.qparams = self._impl.qparams(converted)
             self._host(pl_module, converted)
-            self._stage = "converted"
+            self._progress.stage = "converted"
             weights = checkpoint.get("state_dict")
             if isinstance(weights, dict):
                 unflatten_tensor_subclasses_(weights, pl_module)
         elif self._hosted is not None:
-            self._impl.set_frozen(self._hosted, observers=self._observers_frozen, bn=self._bn_frozen)
+            self._impl.set_frozen(
+                self._hosted, observers=self._progress.observers_frozen, bn=self._progress.bn_frozen
+            )
         self._info(f"rebuilt the {target} structure of {self._describe_network()} from the checkpoint.")
 
     # ------------------------------------------------------------------ hosting
@@ -711,8 +705,8 @@ class QuantizationAwareTraining(Callback):
         device = device_of(network, pl_module)
         if self.example_input_shape is not None:
             return make_example(self.example_input_shape, device=device)
-        if self._example_shape is not None:
-            return make_example(self._example_shape, self._example_dtype, device)
+        if self._progress.example_shape is not None:
+            return make_example(self._progress.example_shape, self._progress.example_dtype, device)
         example = pl_module.example_input_array
         if isinstance(example, Tensor):
             return example.to(device)
@@ -723,12 +717,16 @@ class QuantizationAwareTraining(Callback):
         )
 
     def _random_example(self, network: nn.Module) -> Tensor:
-        if not self._example_shape:
+        if not self._progress.example_shape:
             raise RuntimeError("QuantizationAwareTraining does not know the network's input shape yet.")
-        return make_example(self._example_shape, self._example_dtype, device_of(network, self._pl_module))
+        return make_example(
+            self._progress.example_shape, self._progress.example_dtype, device_of(network, self._pl_module)
+        )
 
     def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        whole = not self._network_name or network is forward_network(pl_module) or self._stage != "float"
+        whole = (
+            not self._network_name or network is forward_network(pl_module) or self._progress.stage != "float"
+        )
         if self.example_input_shape is None and not whole:
             raise ValueError(
                 f"Expected `example_input_shape` for module {self._network_name!r}: it is a submodule, so neither"
@@ -761,10 +759,10 @@ class QuantizationAwareTraining(Callback):
             )
 
     def _require_converted(self) -> nn.Module:
-        if self._stage != "converted" or self._hosted is None:
+        if self._progress.stage != "converted" or self._hosted is None:
             raise RuntimeError(
                 f"Expected the network to be converted to int8 before saving an artifact, but it is in the"
-                f" {self._stage!r} stage. Call this after `trainer.fit` with `convert_on_fit_end=True` (or after"
+                f" {self._progress.stage!r} stage. Call this after `trainer.fit` with `convert_on_fit_end=True` (or after"
                 " `trainer.test(model, ckpt_path=...)` on a QAT checkpoint)."
             )
         return self._hosted
@@ -797,11 +795,15 @@ class QuantizationAwareTraining(Callback):
         self._captured = []
 
     def _log_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn == TrainerFn.FITTING or self._stage != "converted":
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn == TrainerFn.FITTING
+            or self._progress.stage != "converted"
+        ):
             return
         if self._summary is None:
             self._measure()
-        pl_module.log("qat/stage", float(_STAGES.index(self._stage)), sync_dist=True)
+        pl_module.log("qat/stage", float(STAGES.index(self._progress.stage)), sync_dist=True)
         if self._summary is not None:
             pl_module.log("qat/size_bytes", float(self._summary.size_bytes), sync_dist=True)
             pl_module.log("qat/macs", float(self._summary.macs), sync_dist=True)
