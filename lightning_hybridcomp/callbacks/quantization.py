@@ -36,16 +36,23 @@ from lightning_hybridcomp._lightning import (
     resolve_module,
     training_mode,
 )
-from lightning_hybridcomp._validation import expect_bool, expect_choice, expect_int, expect_shape
 from lightning_hybridcomp.artifacts import ArtifactMetadata, build_artifact, save_artifact
 from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
+from lightning_hybridcomp.callbacks._qat_checks import (
+    check_arguments,
+    check_checkpoint_state,
+    check_converted,
+    check_example_source,
+    check_schedule,
+    check_start,
+)
 from lightning_hybridcomp.callbacks._qat_state import STAGES, QATProgress
 from lightning_hybridcomp.callbacks._subclass_state import (
     flatten_tensor_subclasses_,
     unflatten_tensor_subclasses_,
 )
 from lightning_hybridcomp.callbacks.contracts import StructuralCompression
-from lightning_hybridcomp.callbacks.qat_backends import BACKENDS, QuantizationBackend, make_backend
+from lightning_hybridcomp.callbacks.qat_backends import QuantizationBackend, make_backend
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import (
     ExportError,
@@ -53,7 +60,6 @@ from lightning_hybridcomp.programs import (
 
 __all__ = ["QuantizationAwareTraining"]
 
-_LEGACY_BACKENDS = ("fbgemm", "qnnpack", "x86", "onednn", "eager", "fx")
 _HOST_NAME = "qat_network"
 
 
@@ -134,55 +140,30 @@ class QuantizationAwareTraining(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        hint = ""
-        if isinstance(backend, str) and backend.lower() in _LEGACY_BACKENDS:
-            hint = (
-                "The eager/FX engines of `torch.ao.quantization` are deprecated; 'x86_pt2e' is their PT2E"
-                " successor and produces the same int8 x86 kernels."
-            )
-        key = expect_choice(backend, "backend", BACKENDS, hint=hint)
-        if module is not None and (not isinstance(module, str) or not module):
-            raise TypeError(
-                f"Expected `module` to be None or the fully qualified name of a submodule, got {module!r}."
-            )
-        expect_int(start_epoch, "start_epoch")
-        expect_int(start_step, "start_step", optional=True)
-        if start_step is not None and start_epoch != 0:
-            raise ValueError(
-                f"Expected only one of `start_epoch` and `start_step`, got start_epoch={start_epoch} and"
-                f" start_step={start_step}. Keep start_epoch=0 when starting at a step."
-            )
-        expect_int(freeze_observers_epoch, "freeze_observers_epoch", optional=True)
-        expect_int(freeze_bn_epoch, "freeze_bn_epoch", optional=True)
-        if freeze_observers_epoch is not None:
-            if key == "linear_int8":
-                raise ValueError(
-                    "Expected `freeze_observers_epoch` to be None for backend 'linear_int8': its activations are"
-                    " quantized dynamically per token, there are no observers to freeze."
-                )
-            if start_step is None and freeze_observers_epoch <= start_epoch:
-                raise ValueError(
-                    f"Expected `freeze_observers_epoch` to be after `start_epoch`={start_epoch}, got"
-                    f" {freeze_observers_epoch}: frozen before they observed anything, the activation ranges would"
-                    " stay empty."
-                )
-        shape = expect_shape(example_input_shape, "example_input_shape")
-        expect_bool(convert_on_fit_end, "convert_on_fit_end")
-        expect_bool(log_fake_quant_error, "log_fake_quant_error")
-        expect_bool(verbose, "verbose")
-
-        self.backend = key
+        checked = check_arguments(
+            backend=backend,
+            module=module,
+            start_epoch=start_epoch,
+            start_step=start_step,
+            freeze_observers_epoch=freeze_observers_epoch,
+            freeze_bn_epoch=freeze_bn_epoch,
+            convert_on_fit_end=convert_on_fit_end,
+            example_input_shape=example_input_shape,
+            log_fake_quant_error=log_fake_quant_error,
+            verbose=verbose,
+        )
+        self.backend = checked.backend
         self.module = module
         self.start_epoch = start_epoch
         self.start_step = start_step
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.convert_on_fit_end = convert_on_fit_end
-        self.example_input_shape = shape
+        self.example_input_shape = checked.example_input_shape
         self.log_fake_quant_error = log_fake_quant_error
         self.verbose = verbose
 
-        self._impl: QuantizationBackend = make_backend(key)
+        self._impl: QuantizationBackend = make_backend(checked.backend)
         self._progress = QATProgress()
         self._network_name: str | None = None
         self._float_network: nn.Module | None = None
@@ -242,7 +223,7 @@ class QuantizationAwareTraining(Callback):
         Raises:
             RuntimeError: if the network has not been converted yet.
         """
-        network = self._require_converted()
+        network = check_converted(self._progress.stage, self._hosted)
         example = example_inputs if example_inputs is not None else self._random_example(network)
         return save_artifact(
             network,
@@ -263,8 +244,14 @@ class QuantizationAwareTraining(Callback):
             self._network_name = self._resolve_name(pl_module)
         network = self._current_network(pl_module)
         if stage == TrainerFn.FITTING:
-            self._check_example_source(pl_module, network)
-            self._check_schedule(trainer)
+            check_example_source(
+                pl_module,
+                network,
+                network_name=self._network_name,
+                example_input_shape=self.example_input_shape,
+                stage=self._progress.stage,
+            )
+            check_schedule(trainer, start_epoch=self.start_epoch, start_step=self.start_step)
         # Lightning reads a checkpoint only after every setup and loads its weights right after the
         # LightningModule's `on_load_checkpoint`; the structure the weights need is built there.
         self._interceptor.install(
@@ -273,35 +260,15 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._progress.stage == "converted":
-            raise RuntimeError(
-                "The network was already converted to int8 by this QuantizationAwareTraining callback and cannot be"
-                " trained further. Fit a fresh model, or resume an earlier checkpoint with"
-                " `trainer.fit(model, ckpt_path=...)`."
-            )
-        start = self._effective_start_epoch(trainer)
-        if (
-            self.start_step is None
-            and start != self.start_epoch
-            and not self._wait_reported
-            and self._progress.stage == "float"
+        if check_start(
+            trainer,
+            stage=self._progress.stage,
+            start=self._effective_start_epoch(trainer),
+            start_epoch=self.start_epoch,
+            start_step=self.start_step,
+            warn=not self._wait_reported,
         ):
             self._wait_reported = True
-            rank_zero_warn(
-                f"QuantizationAwareTraining: `start_epoch`={self.start_epoch} comes before the last pruning step"
-                f" (epoch {start}); fake quantization waits and starts at epoch {start}, after pruning."
-            )
-        max_epochs = trainer.max_epochs
-        if (
-            self._progress.stage == "float"
-            and max_epochs is not None
-            and max_epochs >= 0
-            and start >= max_epochs
-        ):
-            raise ValueError(
-                f"Expected fake quantization to start before `max_epochs`={max_epochs}, but it would start at epoch"
-                f" {start} (after the last pruning step). Raise max_epochs to at least {start + 1}."
-            )
         if self._progress.stage == "float":
             self._trial_prepare(trainer, pl_module)
 
@@ -597,34 +564,17 @@ class QuantizationAwareTraining(Callback):
         for cb in self._pruning_callbacks(trainer):
             cb.restore_structure_(trainer, pl_module, checkpoint)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
-        target = state.get("stage", "float") if isinstance(state, Mapping) else "float"
-        if target not in STAGES:
-            raise RuntimeError(f"The checkpoint records an unknown QAT stage {target!r}.")
-        if target == "float" or state is None:
+        target = check_checkpoint_state(
+            state,
+            fitting=trainer.state.fn == TrainerFn.FITTING,
+            backend=self.backend,
+            network_name=self._network_name,
+        )
+        if target == "float":
             return
-        if trainer.state.fn == TrainerFn.FITTING and target == "converted":
-            raise RuntimeError(
-                "The checkpoint holds the converted int8 model, which cannot be trained further. Evaluate it with"
-                " `trainer.test(model, ckpt_path=...)`, or resume from a checkpoint written before conversion."
-            )
-        saved_backend = state.get("backend", self.backend)
-        if saved_backend != self.backend:
-            raise RuntimeError(
-                f"The checkpoint was quantized with backend {saved_backend!r}, this callback uses {self.backend!r}."
-                f" Set `backend={saved_backend!r}`."
-            )
-        saved_name = state.get("network_name")
-        if saved_name is not None and saved_name != self._network_name:
-            raise RuntimeError(
-                f"The checkpoint quantized network {saved_name!r}, but this callback selects {self._network_name!r}."
-                " Set `module` to the same submodule."
-            )
-        shape = state.get("example_input_shape")
-        if not shape:
-            raise RuntimeError("The checkpoint's QAT state has no example input shape; it cannot be rebuilt.")
         network = self._current_network(pl_module)
         dtype = state.get("example_input_dtype") or "torch.float32"
-        example = make_example(shape, dtype, device_of(network, pl_module))
+        example = make_example(state["example_input_shape"], dtype, device_of(network, pl_module))
         self._prepare_(pl_module, network, example)
         self.load_state_dict(dict(state))
         if target == "converted":
@@ -722,50 +672,6 @@ class QuantizationAwareTraining(Callback):
         return make_example(
             self._progress.example_shape, self._progress.example_dtype, device_of(network, self._pl_module)
         )
-
-    def _check_example_source(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        whole = (
-            not self._network_name or network is forward_network(pl_module) or self._progress.stage != "float"
-        )
-        if self.example_input_shape is None and not whole:
-            raise ValueError(
-                f"Expected `example_input_shape` for module {self._network_name!r}: it is a submodule, so neither"
-                " `example_input_array` nor a training batch can be fed to it. Pass e.g."
-                " example_input_shape=[2, 64, 8, 8]."
-            )
-
-    def _check_schedule(self, trainer: pl.Trainer) -> None:
-        max_epochs = trainer.max_epochs
-        if (
-            self.start_step is None
-            and max_epochs is not None
-            and max_epochs >= 0
-            and self.start_epoch >= max_epochs
-        ):
-            raise ValueError(
-                f"Expected `start_epoch` to be below `max_epochs`={max_epochs}, got {self.start_epoch}: fake"
-                " quantization would never start."
-            )
-        max_steps = trainer.max_steps
-        if (
-            self.start_step is not None
-            and max_steps is not None
-            and max_steps >= 0
-            and self.start_step >= max_steps
-        ):
-            raise ValueError(
-                f"Expected `start_step` to be below `max_steps`={max_steps}, got {self.start_step}: fake"
-                " quantization would never start."
-            )
-
-    def _require_converted(self) -> nn.Module:
-        if self._progress.stage != "converted" or self._hosted is None:
-            raise RuntimeError(
-                f"Expected the network to be converted to int8 before saving an artifact, but it is in the"
-                f" {self._progress.stage!r} stage. Call this after `trainer.fit` with `convert_on_fit_end=True` (or after"
-                " `trainer.test(model, ckpt_path=...)` on a QAT checkpoint)."
-            )
-        return self._hosted
 
     # ------------------------------------------------------------------ logging
 
