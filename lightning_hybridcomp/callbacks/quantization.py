@@ -7,7 +7,6 @@ network becomes an int8 program (PT2E for conv nets, torchao for Linear/Embeddin
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.fx import GraphModule
 from typing_extensions import override
 
 from lightning_hybridcomp._lightning import (
@@ -28,16 +26,12 @@ from lightning_hybridcomp._lightning import (
     copy_network,
     device_of,
     example_from_batch,
-    forward_network,
     make_example,
     peek_training_inputs,
     refuse_spawning_strategy,
-    replace_module_,
-    resolve_module,
     training_mode,
 )
 from lightning_hybridcomp.artifacts import ArtifactMetadata, build_artifact, save_artifact
-from lightning_hybridcomp.callbacks._pruning_utils import APPLIED_HISTORY_ATTR
 from lightning_hybridcomp.callbacks._qat_checks import (
     check_arguments,
     check_checkpoint_state,
@@ -46,6 +40,7 @@ from lightning_hybridcomp.callbacks._qat_checks import (
     check_schedule,
     check_start,
 )
+from lightning_hybridcomp.callbacks._qat_hosting import HostedNetwork
 from lightning_hybridcomp.callbacks._qat_state import STAGES, QATProgress
 from lightning_hybridcomp.callbacks._subclass_state import (
     flatten_tensor_subclasses_,
@@ -59,8 +54,6 @@ from lightning_hybridcomp.programs import (
 )
 
 __all__ = ["QuantizationAwareTraining"]
-
-_HOST_NAME = "qat_network"
 
 
 class QuantizationAwareTraining(Callback):
@@ -165,9 +158,7 @@ class QuantizationAwareTraining(Callback):
 
         self._impl: QuantizationBackend = make_backend(checked.backend)
         self._progress = QATProgress()
-        self._network_name: str | None = None
-        self._float_network: nn.Module | None = None
-        self._hosted: nn.Module | None = None
+        self._network = HostedNetwork()
         self._pl_module: pl.LightningModule | None = None
         self._summary: ArtifactMetadata | None = None
         self._wait_reported = False
@@ -189,7 +180,7 @@ class QuantizationAwareTraining(Callback):
     @property
     def quantized_network(self) -> nn.Module | None:
         """The fake-quant or int8 network now in the LightningModule (``None`` in the float stage)."""
-        return self._hosted if self._progress.stage != "float" else None
+        return self._network.hosted if self._progress.stage != "float" else None
 
     @property
     def summary(self) -> ArtifactMetadata | None:
@@ -223,7 +214,7 @@ class QuantizationAwareTraining(Callback):
         Raises:
             RuntimeError: if the network has not been converted yet.
         """
-        network = check_converted(self._progress.stage, self._hosted)
+        network = check_converted(self._progress.stage, self._network.hosted)
         example = example_inputs if example_inputs is not None else self._random_example(network)
         return save_artifact(
             network,
@@ -231,7 +222,7 @@ class QuantizationAwareTraining(Callback):
             example,
             steps=self._steps(),
             extra=extra,
-            architecture=architecture or self._architecture(),
+            architecture=architecture or self._network.architecture(),
         )
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -240,14 +231,13 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_spawning_strategy(trainer, stage, "float model, which cannot hold the quantized structure")
         self._pl_module = pl_module
-        if self._network_name is None:
-            self._network_name = self._resolve_name(pl_module)
-        network = self._current_network(pl_module)
+        self._network.resolve_(pl_module, self.module)
+        network = self._network.current(pl_module)
         if stage == TrainerFn.FITTING:
             check_example_source(
                 pl_module,
                 network,
-                network_name=self._network_name,
+                network_name=self._network.name,
                 example_input_shape=self.example_input_shape,
                 stage=self._progress.stage,
             )
@@ -325,8 +315,8 @@ class QuantizationAwareTraining(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.log_fake_quant_error or self._progress.stage != "fake_quant":
             return
-        if self._hosted is not None and self._error_hook is None:
-            self._error_hook = self._hosted.register_forward_hook(self._capture_output)
+        if self._network.hosted is not None and self._error_hook is None:
+            self._error_hook = self._network.hosted.register_forward_hook(self._capture_output)
 
     @override
     def on_validation_batch_end(
@@ -371,7 +361,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self._progress.state_dict(backend=self.backend, network_name=self._network_name)
+        return self._progress.state_dict(backend=self.backend, network_name=self._network.name)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -404,7 +394,7 @@ class QuantizationAwareTraining(Callback):
         return trainer.current_epoch >= self._effective_start_epoch(trainer)
 
     def _apply_freezing(self, trainer: pl.Trainer) -> None:
-        hosted = self._hosted
+        hosted = self._network.hosted
         if hosted is None:
             return
         epoch = trainer.current_epoch
@@ -427,7 +417,7 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ stage changes
 
     def _start_fake_quant(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        network = self._current_network(pl_module)
+        network = self._network.current(pl_module)
         example = self._example_inputs(pl_module, network, batch)
         snapshot = TrainingStateSnapshot.capture(trainer, pl_module)
         self._prepare_(pl_module, network, example)
@@ -435,7 +425,7 @@ class QuantizationAwareTraining(Callback):
         self._progress.started_at = trainer.current_epoch
         self._apply_freezing(trainer)
         self._info(
-            f"inserted fake quantization ({self.backend}) into {self._describe_network()} at epoch"
+            f"inserted fake quantization ({self.backend}) into {self._network.describe()} at epoch"
             f" {trainer.current_epoch}, step {trainer.global_step}."
         )
 
@@ -462,14 +452,14 @@ class QuantizationAwareTraining(Callback):
         except Exception as err:  # export and torchao raise anything from UserError to AssertionError
             reason = " ".join(str(err).split())[:400] or "no message"
             raise ValueError(
-                f"QuantizationAwareTraining cannot quantize {self._describe_network()} with backend"
+                f"QuantizationAwareTraining cannot quantize {self._network.describe()} with backend"
                 f" {self.backend!r}: a trial preparation failed ({type(err).__name__}: {reason}). {self._impl.hint}"
                 " Nothing was trained or changed."
             ) from None
 
     def _network_after_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """A copy of the network to quantize with the structure an attached StructuredPruning will leave."""
-        name = self._network_name or ""
+        name = self._network.name or ""
         for cb in self._pruning_callbacks(trainer):
             pruned_name = cb.network
             preview = cb.preview_network(trainer, pl_module)
@@ -479,7 +469,7 @@ class QuantizationAwareTraining(Callback):
                 return preview
             if not pruned_name or name.startswith(pruned_name + "."):
                 return preview.get_submodule(name[len(pruned_name) :].lstrip("."))
-        return copy_network(self._current_network(pl_module))
+        return copy_network(self._network.current(pl_module))
 
     def _trial_example(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module
@@ -496,14 +486,14 @@ class QuantizationAwareTraining(Callback):
         prepared = self._impl.prepare(network, example)
         self._progress.example_shape = list(example.shape)
         self._progress.example_dtype = str(example.dtype)
-        self._float_network = network
-        self._host(pl_module, prepared)
+        self._network.float_network = network
+        self._network.host_(pl_module, prepared)
         self._progress.stage = "fake_quant"
         with contextlib.suppress(Exception):  # a cost figure is not worth failing the run for
             self._progress.costs = _costs(prepared, example[:1])
 
     def _convert(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
-        prepared = self._hosted
+        prepared = self._network.hosted
         if prepared is None:
             raise RuntimeError("QuantizationAwareTraining has no fake-quant network to convert.")
         if trainer is not None and trainer.world_size > 1:
@@ -511,24 +501,24 @@ class QuantizationAwareTraining(Callback):
             _broadcast_tensors_(trainer, prepared)
         converted = self._impl.convert(prepared)
         self._progress.qparams = self._impl.qparams(converted)
-        self._host(pl_module, converted)
+        self._network.host_(pl_module, converted)
         self._progress.stage = "converted"
         self._measure()
         if self._summary is not None:
             self._info(
-                f"converted {self._describe_network()} to int8: {self._summary.size_bytes} artifact bytes,"
+                f"converted {self._network.describe()} to int8: {self._summary.size_bytes} artifact bytes,"
                 f" {self._summary.macs} MACs, {self._summary.params} params."
             )
 
     def _measure(self) -> None:
         """Artifact bytes, MACs and params of the converted network (``summary``)."""
         self._summary = None
-        if self._progress.stage != "converted" or self._hosted is None:
+        if self._progress.stage != "converted" or self._network.hosted is None:
             return
         try:
-            example = self._random_example(self._hosted)
+            example = self._random_example(self._network.hosted)
             _, self._summary = build_artifact(
-                self._hosted, example, steps=self._steps(), architecture=self._architecture()
+                self._network.hosted, example, steps=self._steps(), architecture=self._network.architecture()
             )
         except Exception as err:  # a converted model that cannot be re-exported still evaluates
             rank_zero_warn(f"QuantizationAwareTraining: could not measure the int8 artifact ({err}).")
@@ -543,14 +533,14 @@ class QuantizationAwareTraining(Callback):
             and self.convert_on_fit_end
         ):
             self._convert(trainer, pl_module)
-            if self._hosted is not None:
-                self._hosted.eval()
+            if self._network.hosted is not None:
+                self._network.hosted.eval()
 
     def _revert_to_float(self, pl_module: pl.LightningModule) -> None:
-        if self._progress.stage == "float" or self._hosted is None:
+        if self._progress.stage == "float" or self._network.hosted is None:
             return
-        restored = self._impl.revert(self._hosted, self._float_network)
-        self._unhost(pl_module, restored)
+        restored = self._impl.revert(self._network.hosted, self._network.float_network)
+        self._network.unhost_(pl_module, restored)
         self._progress.stage = "float"
         self._progress.qparams = {}
 
@@ -568,81 +558,34 @@ class QuantizationAwareTraining(Callback):
             state,
             fitting=trainer.state.fn == TrainerFn.FITTING,
             backend=self.backend,
-            network_name=self._network_name,
+            network_name=self._network.name,
         )
         if target == "float":
             return
-        network = self._current_network(pl_module)
+        network = self._network.current(pl_module)
         dtype = state.get("example_input_dtype") or "torch.float32"
         example = make_example(state["example_input_shape"], dtype, device_of(network, pl_module))
         self._prepare_(pl_module, network, example)
         self.load_state_dict(dict(state))
         if target == "converted":
-            hosted = self._hosted
+            hosted = self._network.hosted
             assert hosted is not None
             self._impl.calibrate(hosted, example)
             converted = self._impl.convert(hosted)
             self._impl.apply_qparams(converted, state.get("qparams", {}))
             self._progress.qparams = self._impl.qparams(converted)
-            self._host(pl_module, converted)
+            self._network.host_(pl_module, converted)
             self._progress.stage = "converted"
             weights = checkpoint.get("state_dict")
             if isinstance(weights, dict):
                 unflatten_tensor_subclasses_(weights, pl_module)
-        elif self._hosted is not None:
+        elif self._network.hosted is not None:
             self._impl.set_frozen(
-                self._hosted, observers=self._progress.observers_frozen, bn=self._progress.bn_frozen
+                self._network.hosted, observers=self._progress.observers_frozen, bn=self._progress.bn_frozen
             )
-        self._info(f"rebuilt the {target} structure of {self._describe_network()} from the checkpoint.")
+        self._info(f"rebuilt the {target} structure of {self._network.describe()} from the checkpoint.")
 
-    # ------------------------------------------------------------------ hosting
-
-    def _resolve_name(self, pl_module: pl.LightningModule) -> str:
-        if self.module is not None:
-            resolve_module(pl_module, self.module, arg_name="module")
-            return self.module
-        forward = forward_network(pl_module)
-        if forward is not None:
-            return next(name for name, child in pl_module.named_children() if child is forward)
-        return ""
-
-    def _current_network(self, pl_module: pl.LightningModule) -> nn.Module:
-        name = self._network_name
-        if not name:
-            return pl_module
-        return resolve_module(pl_module, name, arg_name="module")
-
-    def _host(self, pl_module: pl.LightningModule, new: nn.Module) -> None:
-        history = getattr(self._float_network, APPLIED_HISTORY_ATTR, None)
-        if history is not None and new is not self._float_network:
-            # StructuredPruning recognises its network by this record; the traced copy must carry it too.
-            object.__setattr__(new, APPLIED_HISTORY_ATTR, history)
-        if not self._network_name:
-            if new is not pl_module:
-                pl_module.add_module(_HOST_NAME, new)
-                object.__setattr__(pl_module, "forward", types.MethodType(_hosted_forward, pl_module))
-        elif pl_module.get_submodule(self._network_name) is not new:
-            replace_module_(pl_module, self._network_name, new)
-        self._hosted = new
-
-    def _unhost(self, pl_module: pl.LightningModule, restored: nn.Module) -> None:
-        if not self._network_name:
-            if _HOST_NAME in pl_module._modules:
-                delattr(pl_module, _HOST_NAME)
-            pl_module.__dict__.pop("forward", None)
-        elif pl_module.get_submodule(self._network_name) is not restored:
-            replace_module_(pl_module, self._network_name, restored)
-        self._hosted = None
-        self._float_network = None
-
-    def _describe_network(self) -> str:
-        return f"module {self._network_name!r}" if self._network_name else "the LightningModule's forward"
-
-    def _architecture(self) -> str:
-        network = self._float_network
-        if network is None or isinstance(network, GraphModule):
-            return "network"
-        return type(network).__name__
+    # ------------------------------------------------------------------ artifact steps
 
     def _steps(self) -> tuple[str, ...]:
         trainer = self._pl_module._trainer if self._pl_module is not None else None
@@ -685,10 +628,12 @@ class QuantizationAwareTraining(Callback):
             hook.remove()  # the reference forward below must not be captured
         try:
             with torch.no_grad():
-                reference = self._impl.float_forward(self._hosted, self._float_network, pl_module, inputs)
+                reference = self._impl.float_forward(
+                    self._network.hosted, self._network.float_network, pl_module, inputs
+                )
         finally:
-            if self._hosted is not None:
-                self._error_hook = self._hosted.register_forward_hook(self._capture_output)
+            if self._network.hosted is not None:
+                self._error_hook = self._network.hosted.register_forward_hook(self._capture_output)
         return float(
             torch.linalg.vector_norm(output - reference)
             / torch.linalg.vector_norm(reference).clamp_min(1e-12)
@@ -718,10 +663,6 @@ class QuantizationAwareTraining(Callback):
     def _info(self, message: str) -> None:
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: {message}")
-
-
-def _hosted_forward(self: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
-    return getattr(self, _HOST_NAME)(*args, **kwargs)
 
 
 def _costs(network: nn.Module, sample: Tensor) -> dict[str, int]:
