@@ -40,6 +40,7 @@ from lightning_hybridcomp.callbacks._qat_checks import (
     check_schedule,
     check_start,
 )
+from lightning_hybridcomp.callbacks._qat_error_monitor import FakeQuantErrorMonitor
 from lightning_hybridcomp.callbacks._qat_hosting import HostedNetwork
 from lightning_hybridcomp.callbacks._qat_state import STAGES, QATProgress
 from lightning_hybridcomp.callbacks._subclass_state import (
@@ -163,8 +164,7 @@ class QuantizationAwareTraining(Callback):
         self._summary: ArtifactMetadata | None = None
         self._wait_reported = False
         self._interceptor = CheckpointLoadInterceptor()
-        self._error_hook: Any = None
-        self._captured: list[tuple[Tensor, Tensor]] = []
+        self._error_monitor = FakeQuantErrorMonitor(self._impl)
 
     # ------------------------------------------------------------------ public read-only state
 
@@ -315,8 +315,8 @@ class QuantizationAwareTraining(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.log_fake_quant_error or self._progress.stage != "fake_quant":
             return
-        if self._network.hosted is not None and self._error_hook is None:
-            self._error_hook = self._network.hosted.register_forward_hook(self._capture_output)
+        if self._network.hosted is not None:
+            self._error_monitor.attach(self._network.hosted)
 
     @override
     def on_validation_batch_end(
@@ -328,16 +328,15 @@ class QuantizationAwareTraining(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or not self._captured:
+        if trainer.sanity_checking:
             return
-        captured, self._captured = self._captured, []
-        errors = [self._fake_quant_error(pl_module, inputs, output) for inputs, output in captured]
-        error = sum(errors) / len(errors)
-        pl_module.log("qat/fake_quant_error", error, on_step=False, on_epoch=True, sync_dist=True)
+        error = self._error_monitor.measure(self._network.hosted, self._network.float_network, pl_module)
+        if error is not None:
+            pl_module.log("qat/fake_quant_error", error, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_error_hook()
+        self._error_monitor.detach()
         self._log_final(trainer, pl_module)
 
     @override
@@ -346,7 +345,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_error_hook()
+        self._error_monitor.detach()
         self._interceptor.remove()
 
     @override
@@ -617,33 +616,6 @@ class QuantizationAwareTraining(Callback):
         )
 
     # ------------------------------------------------------------------ logging
-
-    def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-            self._captured.append((args[0].detach(), output.detach()))
-
-    def _fake_quant_error(self, pl_module: pl.LightningModule, inputs: Tensor, output: Tensor) -> float:
-        hook, self._error_hook = self._error_hook, None
-        if hook is not None:
-            hook.remove()  # the reference forward below must not be captured
-        try:
-            with torch.no_grad():
-                reference = self._impl.float_forward(
-                    self._network.hosted, self._network.float_network, pl_module, inputs
-                )
-        finally:
-            if self._network.hosted is not None:
-                self._error_hook = self._network.hosted.register_forward_hook(self._capture_output)
-        return float(
-            torch.linalg.vector_norm(output - reference)
-            / torch.linalg.vector_norm(reference).clamp_min(1e-12)
-        )
-
-    def _remove_error_hook(self) -> None:
-        if self._error_hook is not None:
-            self._error_hook.remove()
-            self._error_hook = None
-        self._captured = []
 
     def _log_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
