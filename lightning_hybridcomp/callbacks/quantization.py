@@ -7,7 +7,6 @@ network becomes an int8 program (PT2E for conv nets, torchao for Linear/Embeddin
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,9 @@ from typing_extensions import override
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
-    copy_network,
     device_of,
     example_from_batch,
     make_example,
-    peek_training_inputs,
     refuse_spawning_strategy,
     training_mode,
 )
@@ -43,6 +40,7 @@ from lightning_hybridcomp.callbacks._qat_checks import (
 from lightning_hybridcomp.callbacks._qat_error_monitor import FakeQuantErrorMonitor
 from lightning_hybridcomp.callbacks._qat_hosting import HostedNetwork
 from lightning_hybridcomp.callbacks._qat_state import STAGES, QATProgress
+from lightning_hybridcomp.callbacks._qat_trial import trial_prepare
 from lightning_hybridcomp.callbacks._subclass_state import (
     flatten_tensor_subclasses_,
     unflatten_tensor_subclasses_,
@@ -50,9 +48,6 @@ from lightning_hybridcomp.callbacks._subclass_state import (
 from lightning_hybridcomp.callbacks.contracts import StructuralCompression
 from lightning_hybridcomp.callbacks.qat_backends import QuantizationBackend, make_backend
 from lightning_hybridcomp.profiling import count_macs
-from lightning_hybridcomp.programs import (
-    ExportError,
-)
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -429,54 +424,15 @@ class QuantizationAwareTraining(Callback):
         )
 
     def _trial_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Insert fake quantization into a copy of the network pruning will leave, before any training.
-
-        A network the backend cannot trace or annotate is refused now, with the upstream reason in one
-        line, instead of after the pruning epochs were paid for.
-        """
-        # The trial draws no random numbers from the run's generators and repeats no warning.
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            network = self._network_after_pruning(trainer, pl_module)
-            example = self._trial_example(trainer, pl_module, network)
-            if example is not None:
-                self._try_prepare(network, example)
-
-    def _try_prepare(self, network: nn.Module, example: Tensor) -> None:
-        self._impl.check(network)
-        try:
-            self._impl.prepare(network, example)
-        except ExportError:
-            raise  # already the package's message, with torch.export's reason and a hint
-        except Exception as err:  # export and torchao raise anything from UserError to AssertionError
-            reason = " ".join(str(err).split())[:400] or "no message"
-            raise ValueError(
-                f"QuantizationAwareTraining cannot quantize {self._network.describe()} with backend"
-                f" {self.backend!r}: a trial preparation failed ({type(err).__name__}: {reason}). {self._impl.hint}"
-                " Nothing was trained or changed."
-            ) from None
-
-    def _network_after_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
-        """A copy of the network to quantize with the structure an attached StructuredPruning will leave."""
-        name = self._network.name or ""
-        for cb in self._pruning_callbacks(trainer):
-            pruned_name = cb.network
-            preview = cb.preview_network(trainer, pl_module)
-            if preview is None:
-                continue
-            if pruned_name == name:
-                return preview
-            if not pruned_name or name.startswith(pruned_name + "."):
-                return preview.get_submodule(name[len(pruned_name) :].lstrip("."))
-        return copy_network(self._network.current(pl_module))
-
-    def _trial_example(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module
-    ) -> Tensor | None:
-        with contextlib.suppress(RuntimeError):
-            return self._example_inputs(pl_module, network, None)
-        peeked = peek_training_inputs(trainer)
-        return None if peeked is None else peeked.to(device_of(network, pl_module))
+        trial_prepare(
+            trainer,
+            pl_module,
+            backend=self._impl,
+            backend_name=self.backend,
+            network=self._network,
+            pruning=self._pruning_callbacks(trainer),
+            example_inputs=lambda network: self._example_inputs(pl_module, network, None),
+        )
 
     def _prepare_(self, pl_module: pl.LightningModule, network: nn.Module, example: Tensor) -> None:
         """Trace ``network`` and host its fake-quant version; the LightningModule is untouched on failure."""
