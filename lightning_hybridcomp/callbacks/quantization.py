@@ -23,12 +23,11 @@ from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
     device_of,
-    example_from_batch,
     make_example,
     refuse_spawning_strategy,
     training_mode,
 )
-from lightning_hybridcomp.artifacts import ArtifactMetadata, build_artifact, save_artifact
+from lightning_hybridcomp.artifacts import ArtifactMetadata, save_artifact
 from lightning_hybridcomp.callbacks._qat_checks import (
     check_arguments,
     check_checkpoint_state,
@@ -38,7 +37,9 @@ from lightning_hybridcomp.callbacks._qat_checks import (
     check_start,
 )
 from lightning_hybridcomp.callbacks._qat_error_monitor import FakeQuantErrorMonitor
+from lightning_hybridcomp.callbacks._qat_figures import measure_artifact, publish_to_loggers, summary_metrics
 from lightning_hybridcomp.callbacks._qat_hosting import HostedNetwork
+from lightning_hybridcomp.callbacks._qat_inputs import find_example_inputs, recorded_example
 from lightning_hybridcomp.callbacks._qat_state import STAGES, QATProgress
 from lightning_hybridcomp.callbacks._qat_trial import trial_prepare
 from lightning_hybridcomp.callbacks._subclass_state import (
@@ -47,7 +48,7 @@ from lightning_hybridcomp.callbacks._subclass_state import (
 )
 from lightning_hybridcomp.callbacks.contracts import StructuralCompression
 from lightning_hybridcomp.callbacks.qat_backends import QuantizationBackend, make_backend
-from lightning_hybridcomp.profiling import count_macs
+from lightning_hybridcomp.profiling import count_macs_and_params
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -210,7 +211,9 @@ class QuantizationAwareTraining(Callback):
             RuntimeError: if the network has not been converted yet.
         """
         network = check_converted(self._progress.stage, self._network.hosted)
-        example = example_inputs if example_inputs is not None else self._random_example(network)
+        example = example_inputs
+        if example is None:
+            example = recorded_example(network, self._progress, self._pl_module)
         return save_artifact(
             network,
             path,
@@ -269,9 +272,10 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("qat/stage", float(STAGES.index(self._progress.stage)), on_epoch=True, sync_dist=True)
-        if self._progress.costs:
-            pl_module.log("qat/macs", float(self._progress.costs["macs"]), on_epoch=True, sync_dist=True)
-            pl_module.log("qat/params", float(self._progress.costs["params"]), on_epoch=True, sync_dist=True)
+        costs = self._progress.costs
+        if costs:
+            pl_module.log("qat/macs", float(costs["macs"]), on_epoch=True, sync_dist=True)
+            pl_module.log("qat/params", float(costs["params"]), on_epoch=True, sync_dist=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,15 +288,7 @@ class QuantizationAwareTraining(Callback):
         if self._progress.stage == "fake_quant" and self.convert_on_fit_end:
             self._convert(trainer, pl_module)
             if self._summary is not None:
-                metrics = {
-                    "qat/size_bytes": float(self._summary.size_bytes),
-                    "qat/macs": float(self._summary.macs),
-                    "qat/params": float(self._summary.params),
-                }
-                trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-                if trainer.is_global_zero:
-                    for logger in trainer.loggers:
-                        logger.log_metrics(metrics, step=trainer.global_step)
+                publish_to_loggers(trainer, summary_metrics(self._summary))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -388,25 +384,21 @@ class QuantizationAwareTraining(Callback):
         return trainer.current_epoch >= self._effective_start_epoch(trainer)
 
     def _apply_freezing(self, trainer: pl.Trainer) -> None:
-        hosted = self._network.hosted
+        hosted, progress = self._network.hosted, self._progress
         if hosted is None:
             return
         epoch = trainer.current_epoch
         if (
-            not self._progress.observers_frozen
+            not progress.observers_frozen
             and self.freeze_observers_epoch is not None
             and epoch >= self.freeze_observers_epoch
         ):
-            self._progress.observers_frozen = True
+            progress.observers_frozen = True
             self._info(f"froze the activation observers at epoch {epoch}.")
-        if (
-            not self._progress.bn_frozen
-            and self.freeze_bn_epoch is not None
-            and epoch >= self.freeze_bn_epoch
-        ):
-            self._progress.bn_frozen = True
+        if not progress.bn_frozen and self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            progress.bn_frozen = True
             self._info(f"froze the BatchNorm statistics at epoch {epoch}.")
-        self._impl.set_frozen(hosted, observers=self._progress.observers_frozen, bn=self._progress.bn_frozen)
+        self._impl.set_frozen(hosted, observers=progress.observers_frozen, bn=progress.bn_frozen)
 
     # ------------------------------------------------------------------ stage changes
 
@@ -437,15 +429,18 @@ class QuantizationAwareTraining(Callback):
     def _prepare_(self, pl_module: pl.LightningModule, network: nn.Module, example: Tensor) -> None:
         """Trace ``network`` and host its fake-quant version; the LightningModule is untouched on failure."""
         example = example.detach()
-        self._progress.costs = {}
+        progress = self._progress
+        progress.costs = {}
         prepared = self._impl.prepare(network, example)
-        self._progress.example_shape = list(example.shape)
-        self._progress.example_dtype = str(example.dtype)
+        progress.example_shape = list(example.shape)
+        progress.example_dtype = str(example.dtype)
         self._network.float_network = network
         self._network.host_(pl_module, prepared)
-        self._progress.stage = "fake_quant"
-        with contextlib.suppress(Exception):  # a cost figure is not worth failing the run for
-            self._progress.costs = _costs(prepared, example[:1])
+        progress.stage = "fake_quant"
+        with contextlib.suppress(Exception), training_mode(prepared, False):
+            # A cost figure is not worth failing the run for.
+            macs, params = count_macs_and_params(prepared, example[:1])
+            progress.costs = {"macs": macs, "params": params}
 
     def _convert(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
         prepared = self._network.hosted
@@ -468,33 +463,31 @@ class QuantizationAwareTraining(Callback):
     def _measure(self) -> None:
         """Artifact bytes, MACs and params of the converted network (``summary``)."""
         self._summary = None
-        if self._progress.stage != "converted" or self._network.hosted is None:
+        hosted = self._network.hosted
+        if self._progress.stage != "converted" or hosted is None:
             return
-        try:
-            example = self._random_example(self._network.hosted)
-            _, self._summary = build_artifact(
-                self._network.hosted, example, steps=self._steps(), architecture=self._network.architecture()
-            )
-        except Exception as err:  # a converted model that cannot be re-exported still evaluates
-            rank_zero_warn(f"QuantizationAwareTraining: could not measure the int8 artifact ({err}).")
-            return
-        self._progress.costs = {"macs": self._summary.macs, "params": self._summary.params}
+        self._summary = measure_artifact(
+            hosted,
+            lambda: recorded_example(hosted, self._progress, self._pl_module),
+            steps=self._steps(),
+            architecture=self._network.architecture(),
+        )
+        if self._summary is not None:
+            self._progress.costs = {"macs": self._summary.macs, "params": self._summary.params}
 
     def _convert_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fake-quant checkpoint evaluated outside `fit` runs as the int8 model `fit` would have produced.
-        if (
-            trainer.state.fn != TrainerFn.FITTING
-            and self._progress.stage == "fake_quant"
-            and self.convert_on_fit_end
-        ):
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting and self._progress.stage == "fake_quant" and self.convert_on_fit_end:
             self._convert(trainer, pl_module)
             if self._network.hosted is not None:
                 self._network.hosted.eval()
 
     def _revert_to_float(self, pl_module: pl.LightningModule) -> None:
-        if self._progress.stage == "float" or self._network.hosted is None:
+        hosted = self._network.hosted
+        if self._progress.stage == "float" or hosted is None:
             return
-        restored = self._impl.revert(self._network.hosted, self._network.float_network)
+        restored = self._impl.revert(hosted, self._network.float_network)
         self._network.unhost_(pl_module, restored)
         self._progress.stage = "float"
         self._progress.qparams = {}
@@ -522,82 +515,48 @@ class QuantizationAwareTraining(Callback):
         example = make_example(state["example_input_shape"], dtype, device_of(network, pl_module))
         self._prepare_(pl_module, network, example)
         self.load_state_dict(dict(state))
+        hosted, progress = self._network.hosted, self._progress
+        assert hosted is not None
         if target == "converted":
-            hosted = self._network.hosted
-            assert hosted is not None
             self._impl.calibrate(hosted, example)
             converted = self._impl.convert(hosted)
             self._impl.apply_qparams(converted, state.get("qparams", {}))
-            self._progress.qparams = self._impl.qparams(converted)
+            progress.qparams = self._impl.qparams(converted)
             self._network.host_(pl_module, converted)
-            self._progress.stage = "converted"
+            progress.stage = "converted"
             weights = checkpoint.get("state_dict")
             if isinstance(weights, dict):
                 unflatten_tensor_subclasses_(weights, pl_module)
-        elif self._network.hosted is not None:
-            self._impl.set_frozen(
-                self._network.hosted, observers=self._progress.observers_frozen, bn=self._progress.bn_frozen
-            )
+        else:
+            self._impl.set_frozen(hosted, observers=progress.observers_frozen, bn=progress.bn_frozen)
         self._info(f"rebuilt the {target} structure of {self._network.describe()} from the checkpoint.")
 
-    # ------------------------------------------------------------------ artifact steps
+    # ------------------------------------------------------------------ inputs, steps, messages
 
     def _steps(self) -> tuple[str, ...]:
         trainer = self._pl_module._trainer if self._pl_module is not None else None
         steps = [cb.step_label for cb in self._pruning_callbacks(trainer)] if trainer is not None else []
         return (*steps, f"qat:{self.backend}")
 
-    # ------------------------------------------------------------------ inputs and checks
-
     def _example_inputs(self, pl_module: pl.LightningModule, network: nn.Module, batch: Any) -> Tensor:
-        device = device_of(network, pl_module)
-        if self.example_input_shape is not None:
-            return make_example(self.example_input_shape, device=device)
-        if self._progress.example_shape is not None:
-            return make_example(self._progress.example_shape, self._progress.example_dtype, device)
-        example = pl_module.example_input_array
-        if isinstance(example, Tensor):
-            return example.to(device)
-        if batch is not None:
-            return example_from_batch(batch).to(device)
-        raise RuntimeError(
-            "QuantizationAwareTraining could not find example inputs; pass `example_input_shape` to the callback."
+        return find_example_inputs(
+            pl_module, network, batch, example_input_shape=self.example_input_shape, progress=self._progress
         )
-
-    def _random_example(self, network: nn.Module) -> Tensor:
-        if not self._progress.example_shape:
-            raise RuntimeError("QuantizationAwareTraining does not know the network's input shape yet.")
-        return make_example(
-            self._progress.example_shape, self._progress.example_dtype, device_of(network, self._pl_module)
-        )
-
-    # ------------------------------------------------------------------ logging
 
     def _log_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
-            trainer.sanity_checking
-            or trainer.state.fn == TrainerFn.FITTING
-            or self._progress.stage != "converted"
-        ):
+        stage = self._progress.stage
+        if trainer.sanity_checking or trainer.state.fn == TrainerFn.FITTING or stage != "converted":
             return
         if self._summary is None:
             self._measure()
-        pl_module.log("qat/stage", float(STAGES.index(self._progress.stage)), sync_dist=True)
+        pl_module.log("qat/stage", float(STAGES.index(stage)), sync_dist=True)
         if self._summary is not None:
-            pl_module.log("qat/size_bytes", float(self._summary.size_bytes), sync_dist=True)
-            pl_module.log("qat/macs", float(self._summary.macs), sync_dist=True)
-            pl_module.log("qat/params", float(self._summary.params), sync_dist=True)
+            for key, value in summary_metrics(self._summary).items():
+                pl_module.log(key, value, sync_dist=True)
 
     def _info(self, message: str) -> None:
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: {message}")
-
-
-def _costs(network: nn.Module, sample: Tensor) -> dict[str, int]:
-    with training_mode(network, False):
-        macs = count_macs(network, sample)
-    params = sum(p.numel() for p in network.parameters())
-    return {"macs": macs, "params": params}
 
 
 def _broadcast_tensors_(trainer: pl.Trainer, module: nn.Module) -> None:
