@@ -1,7 +1,8 @@
 """Which example input QuantizationAwareTraining traces, rebuilds and exports its network with.
 
-In order: the ``example_input_shape`` argument, the shape recorded when fake quantization was inserted (or
-read from a checkpoint), the LightningModule's ``example_input_array``, then a training batch.
+The package's one precedence rule (:func:`~lightning_hybridcomp._lightning.example_inputs`): the
+``example_input_shape`` argument, the shape recorded when fake quantization was inserted (or read from a
+checkpoint), the LightningModule's ``example_input_array``, then a training batch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
-from lightning_hybridcomp._lightning import device_of, example_from_batch, make_example
+from lightning_hybridcomp._lightning import device_of, example_inputs, make_example
 from lightning_hybridcomp.callbacks._qat_state import QATProgress
 
 __all__ = ["find_example_inputs", "recorded_example"]
@@ -30,16 +31,18 @@ def find_example_inputs(
     Raises:
         RuntimeError: if none of the sources gives one.
     """
-    device = device_of(network, pl_module)
-    if example_input_shape is not None:
-        return make_example(example_input_shape, device=device)
+    recorded = None
     if progress.example_shape is not None:
-        return make_example(progress.example_shape, progress.example_dtype, device)
-    example = pl_module.example_input_array
-    if isinstance(example, Tensor):
-        return example.to(device)
-    if batch is not None:
-        return example_from_batch(batch).to(device)
+        recorded = (progress.example_shape, str(progress.example_dtype))
+    example = example_inputs(
+        pl_module,
+        device=device_of(network, pl_module),
+        shape=example_input_shape,
+        recorded=recorded,
+        batch=batch,
+    )
+    if example is not None:
+        return example
     raise RuntimeError(
         "QuantizationAwareTraining could not find example inputs; pass `example_input_shape` to the callback."
     )
