@@ -325,11 +325,11 @@ def _pipeline_main(args: list[str]) -> None:
     from lightning_hybridcomp.pipeline_plan import format_plan
 
     config = load_pipeline_config(options.config, {"run_dir": options.run_dir})
-    # Building the pipeline checks every phase's components: a bad value fails here, before anything trains.
-    pipeline = Pipeline(config, force=options.force, only=options.only)
     if options.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return
+    # Building the pipeline checks every phase's components: a bad value fails here, before anything trains.
+    pipeline = Pipeline(config, force=options.force, only=options.only)
     if options.dry_run:
         print(f"Plan for {config.run_dir} (dry run, nothing was changed):\n{format_plan(pipeline.plan())}")
         return
