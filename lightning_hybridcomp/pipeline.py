@@ -142,6 +142,7 @@ class Pipeline:
     Raises:
         PipelineConfigError: listing every problem :func:`~lightning_hybridcomp.pipeline_checks.check_pipeline`
             finds by building each phase's components, each with its YAML path.
+        ValueError: if ``only`` names a phase the configuration does not have (the message lists them).
     """
 
     def __init__(
@@ -158,6 +159,12 @@ class Pipeline:
         self.say = say
         self.run_dir = Path(config.run_dir)
         self.specs = phase_specs(config)
+        unknown = sorted(set(self.only) - {spec.key for spec in self.specs})
+        if unknown:
+            valid = [spec.key for spec in self.specs]
+            raise ValueError(
+                f"Expected `--only` to name phases of this configuration, got {unknown}. Phases: {valid}."
+            )
         self._datamodule: pl.LightningDataModule | None = None
         self._phase_times: dict[str, float] = {}
         # Lightning's DDP launcher lowers each rank's thread count; rank zero measures alone, with these.

@@ -141,7 +141,10 @@ def _check(pipeline: Pipeline) -> _Problems:
         expert_model = model
         if model is not None and expert.lr is not None:
             lr_path = {"lr": f"{section}.lr"}
-            expert_model = problems.attempt(partial(_on_meta, pipeline, expert.lr), f"{section}.lr", lr_path)
+            with_lr = problems.attempt(partial(_on_meta, pipeline, expert.lr), f"{section}.lr", lr_path)
+            expert_model = (
+                with_lr if with_lr is not None else model
+            )  # the same structure: check the callbacks on it
         built: list[tuple[Callback, str, dict[str, str]]] = []
         for kind, arguments, cls, make in (
             ("pruning", expert.pruning, StructuredPruning, pipeline.pruning_callback),

@@ -87,7 +87,9 @@ def test_changed_expert_redoes_only_it_the_moe_and_the_evaluation(run_copy) -> N
 def test_added_expert_trains_alone_and_a_removed_one_keeps_its_files(run_copy) -> None:
     kept = {name: _files(run_copy / name) for name in ("baseline", "experts/half", "experts/third")}
     raw = _small(run_copy)
-    raw["experts"].append({**raw["experts"][1], "name": "quarter", "pruning": {"pruning_ratio": 0.25, "iterative_steps": 1}})
+    raw["experts"].append(
+        {**raw["experts"][1], "name": "quarter", "pruning": {"pruning_ratio": 0.25, "iterative_steps": 1}}
+    )
     models, out = _run(raw)
     assert "run     experts/quarter" in out and "not run yet" in out
     assert out.count("finished earlier, skipped") == 3  # the baseline and the two experts it had
