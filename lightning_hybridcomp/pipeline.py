@@ -521,7 +521,9 @@ class Pipeline:
             The ``results.json`` model entries (``[]`` for an ``only`` run without the evaluation).
         """
         on_rank_zero(self._prepare_run_dir, what="preparing the run directory")
-        plan = on_rank_zero(self.plan, what="planning the run")
+        # Lightning's launcher starts the other ranks inside the first phase's fit: until then each reads the
+        # run directory rank zero prepared; once their process group is up, rank zero's plan holds for all.
+        plan = broadcast_from_rank_zero(self.plan())
         self._say(f"Plan for {self.run_dir}:\n{format_plan(plan)}")
         phases = {phase.spec.key: phase for phase in self.phases()}
         ran: set[str] = set()
