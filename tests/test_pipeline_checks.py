@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import yaml
 
@@ -125,3 +126,23 @@ def test_run_dir_that_cannot_be_created_is_one_clear_line(tmp_path, capsys) -> N
         "hybridcomp: error: The run directory '/proc/hybridcomp-no-such-process/run' cannot"
     )
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+class RefusingDataModule(pl.LightningDataModule):
+    """A user's datamodule whose constructor refuses its argument."""
+
+    def __init__(self, size: int = 1) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+
+
+def test_a_refusal_raised_in_user_code_keeps_its_traceback(tmp_path, capsys) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["data"] = {"class_path": f"{__name__}.RefusingDataModule", "init_args": {"size": 0}}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PipelineConfigError, match=r"^data: size must be positive, got 0$") as found:
+        main(["pipeline", "--config", str(config)])  # not a SystemExit: the CLI shows the traceback
+    assert isinstance(found.value.errors[0], ValueError)
+    assert "hybridcomp: error" not in capsys.readouterr().err
