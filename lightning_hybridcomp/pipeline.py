@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_hybridcomp._distributed import broadcast_from_rank_zero, is_global_zero, on_rank_zero
 from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, read_checkpoint
-from lightning_hybridcomp._lightning import inputs_from_batch
+from lightning_hybridcomp._lightning import PhaseProgress, completed_epochs, inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
@@ -69,19 +69,6 @@ def _tensorboard_available() -> bool:
     )
 
 
-def _completed_epochs(checkpoint_path: Path) -> int:
-    """Training epochs whose batches were all trained when the checkpoint was written.
-
-    The epoch checkpoint is written at the end of validation, before the fit loop counts its epoch as
-    "completed"; "processed" already counts it (and a checkpoint of the final epoch is a finished fit).
-    """
-    checkpoint = read_checkpoint(checkpoint_path, what="the phase's last checkpoint")
-    try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except (KeyError, TypeError, ValueError):
-        return int(checkpoint.get("epoch", 0))
-
-
 @contextlib.contextmanager
 def _torch_threads(threads: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -90,31 +77,6 @@ def _torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class _PhaseProgress(Callback):
-    """Prints the estimated time left in a phase after each training epoch (rank zero)."""
-
-    def __init__(self, label: str, say: Callable[[str], None]) -> None:
-        self.label = label
-        self.say = say
-        self._start = 0.0
-        self._first_epoch = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.monotonic()
-        self._first_epoch = trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        done = trainer.current_epoch + 1 - self._first_epoch
-        left = (trainer.max_epochs or 0) - trainer.current_epoch - 1
-        per_epoch = (time.monotonic() - self._start) / max(done, 1)
-        self.say(
-            f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done;"
-            f" about {per_epoch * left:.0f}s left in this phase"
-        )
 
 
 @dataclass
@@ -223,7 +185,7 @@ class Pipeline:
         kwargs: dict[str, Any] = {
             "max_epochs": max_epochs,
             "logger": self._loggers(label),
-            "callbacks": [*callbacks, _PhaseProgress(label, self._say), checkpoint],
+            "callbacks": [*callbacks, PhaseProgress(label, self._say), checkpoint],
             "default_root_dir": str(folder),
             "log_every_n_steps": 10,
             "enable_model_summary": False,
@@ -246,7 +208,7 @@ class Pipeline:
         unreadable: str | None = None
         if last.is_file():
             try:
-                completed = _completed_epochs(last)
+                completed = completed_epochs(last)
             except UnreadableCheckpointError as err:
                 unreadable = str(err)
         completed, unreadable = broadcast_from_rank_zero((completed, unreadable))
@@ -565,6 +527,9 @@ class Pipeline:
                 )
             ran.add(planned.spec.key)
         if "evaluation" not in {p.spec.key for p in plan}:
+            self._say(
+                f"\nFinished {', '.join(p.spec.key for p in plan)}; the report comes from a run without --only."
+            )
             return []
         results = json.loads((self.run_dir / "results.json").read_text())
         rows = [ResultRow(**{k: v for k, v in m.items() if k != "ratios"}) for m in results["models"]]
