@@ -11,9 +11,11 @@ import copy
 import fnmatch
 import itertools
 import math
+import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from lightning_hybridcomp._io import read_checkpoint
 
 _BATCH_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 
@@ -463,3 +467,44 @@ def reset_monitors(trainer: pl.Trainer) -> None:
             cb.best_model_score = None
             cb.best_model_path = ""
             cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
+
+
+# ------------------------------------------------------------------ phases of a longer job
+
+
+def completed_epochs(checkpoint_path: str | os.PathLike[str]) -> int:
+    """Training epochs whose batches were all trained when the checkpoint was written.
+
+    The epoch checkpoint is written at the end of validation, before the fit loop counts its epoch as
+    "completed"; "processed" already counts it (and a checkpoint of the final epoch is a finished fit).
+    """
+    checkpoint = read_checkpoint(checkpoint_path, what="the phase's last checkpoint")
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return int(checkpoint.get("epoch", 0))
+
+
+class PhaseProgress(pl.Callback):
+    """Prints the estimated time left in a phase after each training epoch (rank zero)."""
+
+    def __init__(self, label: str, say: Callable[[str], None]) -> None:
+        self.label = label
+        self.say = say
+        self._start = 0.0
+        self._first_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.monotonic()
+        self._first_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        done = trainer.current_epoch + 1 - self._first_epoch
+        left = (trainer.max_epochs or 0) - trainer.current_epoch - 1
+        per_epoch = (time.monotonic() - self._start) / max(done, 1)
+        self.say(
+            f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done;"
+            f" about {per_epoch * left:.0f}s left in this phase"
+        )

@@ -272,12 +272,15 @@ def error_message(err: BaseException) -> str | None:
 
     ``None`` when user code took part: a frame, in the traceback of ``err`` or of any exception in its
     chain, of code outside this package, the libraries it drives and the standard library (the frame that
-    caught each exception does not count). Otherwise the message of the outermost exception of the chain
+    caught each exception does not count); an error that collects others in its ``errors`` (a
+    :class:`~lightning_hybridcomp.pipeline_config.PipelineConfigError`) counts theirs too. Otherwise the message of the outermost exception of the chain
     raised in this package (the caught one if none was), followed by ``caused by <Type>: <message>`` of the
     innermost exception when that adds something.
     """
     chain = _exception_chain(err)
-    if any(_frame_origin(frame) == "user" for e in chain for frame in _frames(e)[1:]):
+    # An error that collects others (every problem of a pipeline config) involves their code too.
+    involved = chain + [e for collected in getattr(err, "errors", ()) for e in _exception_chain(collected)]
+    if any(_frame_origin(frame) == "user" for e in involved for frame in _frames(e)[1:]):
         return None
     chosen = next((e for e in chain if _frames(e) and _frame_origin(_frames(e)[-1]) == "package"), err)
     message = str(chosen)
@@ -299,16 +302,36 @@ def _pipeline_main(args: list[str]) -> None:
     )
     parser.add_argument("--config", help="pipeline YAML; without it the embedded default runs")
     parser.add_argument("--run_dir", help="where everything is written (overrides the config's run_dir)")
-    parser.add_argument("--force", action="store_true", help="delete an earlier run's results and redo all")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every phase (with --only: just those), deleting their results",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PHASE",
+        help="run just this phase, e.g. experts/<name> (repeatable); the phases it reads must be finished."
+        " Separate processes may run different phases of one run directory at the same time",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what a run would do with each phase, and why, then exit"
+    )
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     options = parser.parse_args(args)
     from lightning_hybridcomp.pipeline import Pipeline
     from lightning_hybridcomp.pipeline_config import load_pipeline_config
+    from lightning_hybridcomp.pipeline_plan import format_plan
 
     config = load_pipeline_config(options.config, {"run_dir": options.run_dir})
-    pipeline = Pipeline(config, force=options.force)  # checks the callbacks' arguments too
     if options.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return
+    # Building the pipeline checks every phase's components: a bad value fails here, before anything trains.
+    pipeline = Pipeline(config, force=options.force, only=options.only)
+    if options.dry_run:
+        print(f"Plan for {config.run_dir} (dry run, nothing was changed):\n{format_plan(pipeline.plan())}")
         return
     pipeline.run()
 

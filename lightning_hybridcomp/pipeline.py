@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,45 +29,35 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
 from lightning_hybridcomp._distributed import broadcast_from_rank_zero, is_global_zero, on_rank_zero
-from lightning_hybridcomp._io import (
-    UnreadableCheckpointError,
-    atomic_path,
-    read_checkpoint,
-    write_bytes_atomic,
-)
-from lightning_hybridcomp._lightning import inputs_from_batch
+from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, read_checkpoint
+from lightning_hybridcomp._lightning import PhaseProgress, completed_epochs, inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+from lightning_hybridcomp.pipeline_checks import check_pipeline
 from lightning_hybridcomp.pipeline_config import (
     ExpertConfig,
     PipelineConfig,
     PipelineError,
-    check_init_args,
     load_pipeline_config,
+)
+from lightning_hybridcomp.pipeline_plan import (
+    DONE_FILE,
+    PHASE_FILE,
+    PhaseSpec,
+    PlannedPhase,
+    format_plan,
+    phase_lock,
+    phase_specs,
+    plan_run,
+    prepare_run_dir,
+    read_json,
+    write_json,
 )
 from lightning_hybridcomp.profiling import measure_latency
 from lightning_hybridcomp.report import ResultRow, report_table, write_report
 
 __all__ = ["Pipeline", "PipelineError", "run_pipeline"]
-
-_DONE = "done.json"
-_CONFIG = "config.json"
-_OWNED = (
-    "baseline",
-    "experts",
-    "moe",
-    "evaluation",
-    "logs",
-    "report.md",
-    "results.json",
-    "pareto.png",
-    _CONFIG,
-)
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    write_bytes_atomic(path, json.dumps(content, indent=2, default=str).encode())
 
 
 def _tensorboard_available() -> bool:
@@ -77,19 +67,6 @@ def _tensorboard_available() -> bool:
         importlib.util.find_spec("tensorboard") is not None
         or importlib.util.find_spec("tensorboardX") is not None
     )
-
-
-def _completed_epochs(checkpoint_path: Path) -> int:
-    """Training epochs whose batches were all trained when the checkpoint was written.
-
-    The epoch checkpoint is written at the end of validation, before the fit loop counts its epoch as
-    "completed"; "processed" already counts it (and a checkpoint of the final epoch is a finished fit).
-    """
-    checkpoint = read_checkpoint(checkpoint_path, what="the phase's last checkpoint")
-    try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except (KeyError, TypeError, ValueError):
-        return int(checkpoint.get("epoch", 0))
 
 
 @contextlib.contextmanager
@@ -102,47 +79,14 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _read_done(folder: Path) -> dict[str, Any] | None:
-    marker = folder / _DONE
-    if not marker.is_file():
-        return None
-    try:
-        return dict(json.loads(marker.read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-class _PhaseProgress(Callback):
-    """Prints the estimated time left in a phase after each training epoch (rank zero)."""
-
-    def __init__(self, label: str, say: Callable[[str], None]) -> None:
-        self.label = label
-        self.say = say
-        self._start = 0.0
-        self._first_epoch = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.monotonic()
-        self._first_epoch = trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        done = trainer.current_epoch + 1 - self._first_epoch
-        left = (trainer.max_epochs or 0) - trainer.current_epoch - 1
-        per_epoch = (time.monotonic() - self._start) / max(done, 1)
-        self.say(
-            f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done;"
-            f" about {per_epoch * left:.0f}s left in this phase"
-        )
-
-
 @dataclass
 class _Phase:
-    name: str
-    folder: Path
+    spec: PhaseSpec
     run: Callable[[], dict[str, Any]]
-    epochs: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.label
 
 
 class Pipeline:
@@ -150,32 +94,44 @@ class Pipeline:
 
     Args:
         config: the run's configuration (see :mod:`lightning_hybridcomp.pipeline_config`).
-        force: delete what an earlier run left in ``config.run_dir`` and redo everything.
+        force: redo every phase: without ``only``, delete what an earlier run left in ``config.run_dir``
+            first (the pipeline's own files only); with ``only``, redo just those phases.
+        only: run just these phases (keys as the plan prints them, e.g. ``"experts/lamp-60"``), each of
+            which needs the phases it reads finished already; separate processes may run different
+            phases of one run directory at the same time.
         say: where progress lines go (``print`` by default); only global rank zero prints under DDP.
 
     Raises:
-        PipelineError: if ``run_dir`` holds results of a different configuration and ``force`` is off.
-        ValueError: if an expert's pruning or quantization arguments are unknown to the callbacks.
+        PipelineConfigError: listing every problem :func:`~lightning_hybridcomp.pipeline_checks.check_pipeline`
+            finds by building each phase's components, each with its YAML path.
+        ValueError: if ``only`` names a phase the configuration does not have (the message lists them).
     """
 
     def __init__(
-        self, config: PipelineConfig, *, force: bool = False, say: Callable[[str], None] = print
+        self,
+        config: PipelineConfig,
+        *,
+        force: bool = False,
+        only: Sequence[str] = (),
+        say: Callable[[str], None] = print,
     ) -> None:
         self.config = config
         self.force = force
+        self.only = [name.strip("/") for name in only]
         self.say = say
         self.run_dir = Path(config.run_dir)
-        for i, expert in enumerate(config.experts):
-            if expert.pruning is not None:
-                check_init_args(StructuredPruning, expert.pruning, section=f"experts[{i}].pruning")
-            if expert.quantization is not None:
-                check_init_args(
-                    QuantizationAwareTraining, expert.quantization, section=f"experts[{i}].quantization"
-                )
+        self.specs = phase_specs(config)
+        unknown = sorted(set(self.only) - {spec.key for spec in self.specs})
+        if unknown:
+            valid = [spec.key for spec in self.specs]
+            raise ValueError(
+                f"Expected `--only` to name phases of this configuration, got {unknown}. Phases: {valid}."
+            )
         self._datamodule: pl.LightningDataModule | None = None
         self._phase_times: dict[str, float] = {}
         # Lightning's DDP launcher lowers each rank's thread count; rank zero measures alone, with these.
         self._threads = torch.get_num_threads()
+        check_pipeline(self)
 
     def _say(self, message: str) -> None:
         if is_global_zero():
@@ -184,31 +140,11 @@ class Pipeline:
     # ------------------------------------------------------------------ run directory
 
     def _prepare_run_dir(self) -> None:
-        fingerprint = self.config.fingerprint()
-        marker = self.run_dir / _CONFIG
-        if self.force and self.run_dir.exists():
-            for name in _OWNED:
-                target = self.run_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        elif marker.is_file():
-            previous = json.loads(marker.read_text()).get("fingerprint")
-            if previous != fingerprint:
-                raise PipelineError(
-                    f"The run directory {str(self.run_dir)!r} holds results of a different configuration"
-                    f" (fingerprint {previous} vs {fingerprint}). Results of two configurations are never"
-                    " mixed: pass --force to redo everything there, or choose another --run_dir."
-                )
-        elif self.run_dir.is_dir() and any(self.run_dir.iterdir()):
-            raise PipelineError(
-                f"The run directory {str(self.run_dir)!r} is not empty and holds no pipeline run. Choose"
-                " another --run_dir, or pass --force to use it anyway (only the pipeline's own files are"
-                " replaced)."
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(marker, {"fingerprint": fingerprint, "config": self.config.to_dict()})
+        prepare_run_dir(self.run_dir, self.config, force=self.force and not self.only)
+
+    def plan(self) -> list[PlannedPhase]:
+        """What a run would do with each phase (``only``'s alone when set), and why; reads the run directory only."""
+        return plan_run(self.run_dir, self.specs, force=self.force, only=self.only)
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -236,7 +172,10 @@ class Pipeline:
             loggers.append(TensorBoardLogger(str(self.run_dir / "logs" / "tensorboard"), name=name))
         return loggers
 
-    def _trainer(self, folder: Path, label: str, max_epochs: int, callbacks: list[Callback]) -> pl.Trainer:
+    def phase_trainer(
+        self, folder: Path, label: str, max_epochs: int, callbacks: list[Callback]
+    ) -> pl.Trainer:
+        """The Trainer of one phase: its checkpoints in ``folder``, its logs under ``logs/<label>``."""
         # The latest epoch's checkpoint, kept under the name `last.ckpt`. (`save_last=True` with
         # `save_top_k=0` writes `last.ckpt` only at the end of fit: Lightning 2.6 saves "last" only at steps
         # where a top-k checkpoint was saved, so a phase killed mid-training would start again.)
@@ -246,7 +185,7 @@ class Pipeline:
         kwargs: dict[str, Any] = {
             "max_epochs": max_epochs,
             "logger": self._loggers(label),
-            "callbacks": [*callbacks, _PhaseProgress(label, self._say), checkpoint],
+            "callbacks": [*callbacks, PhaseProgress(label, self._say), checkpoint],
             "default_root_dir": str(folder),
             "log_every_n_steps": 10,
             "enable_model_summary": False,
@@ -269,7 +208,7 @@ class Pipeline:
         unreadable: str | None = None
         if last.is_file():
             try:
-                completed = _completed_epochs(last)
+                completed = completed_epochs(last)
             except UnreadableCheckpointError as err:
                 unreadable = str(err)
         completed, unreadable = broadcast_from_rank_zero((completed, unreadable))
@@ -287,11 +226,30 @@ class Pipeline:
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
                 trainer.fit(model, datamodule=self.datamodule, ckpt_path=str(last))
 
-    def _baseline_model(self, lr: float | None = None) -> pl.LightningModule:
+    def baseline_model(self, lr: float | None = None, *, device: str | None = None) -> pl.LightningModule:
+        """The configured LightningModule (with ``lr`` overriding its ``lr``), built on ``device`` if given.
+
+        The checks before training build it on the ``"meta"`` device: its constructor runs, no memory is used.
+        """
         spec = copy.deepcopy(self.config.baseline.model)
         if lr is not None:
             spec.init_args["lr"] = lr
-        return spec.instantiate(pl.LightningModule, section="baseline.model")
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return spec.instantiate(pl.LightningModule, section="baseline.model")
+
+    def pruning_callback(self, spec: ExpertConfig) -> StructuredPruning | None:
+        """The expert's ``StructuredPruning`` (``None`` when its config prunes nothing)."""
+        return StructuredPruning(**spec.pruning) if spec.pruning is not None else None
+
+    def quantization_callback(self, spec: ExpertConfig) -> QuantizationAwareTraining | None:
+        """The expert's ``QuantizationAwareTraining`` (``None`` when it stays fp32)."""
+        return QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
+
+    def moe_module(self, top_k: int, experts: list[str] | None) -> pl.LightningModule:
+        """The MoE phase's module (``experts=None`` builds it unbuilt: its arguments are checked alone)."""
+        from lightning_hybridcomp.moe import MoELightningModule
+
+        return MoELightningModule(experts=experts, top_k=top_k, **self.config.moe.options)
 
     # ------------------------------------------------------------------ phases
 
@@ -300,11 +258,11 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config.baseline
         pl.seed_everything(self.config.seed, workers=True)
-        model = self._baseline_model()
+        model = self.baseline_model()
         if cfg.checkpoint:
             self._load_starting_checkpoint(model, cfg.checkpoint)
         if cfg.max_epochs > 0:
-            trainer = self._trainer(folder, "baseline", cfg.max_epochs, [])
+            trainer = self.phase_trainer(folder, "baseline", cfg.max_epochs, [])
             self._fit(trainer, model, folder)
         weights = folder / "weights.pt"
 
@@ -335,20 +293,13 @@ class Pipeline:
         folder = self.run_dir / "experts" / spec.name
         folder.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(spec.seed, workers=True)
-        model = self._baseline_model(spec.lr)
+        model = self.baseline_model(spec.lr)
         model.load_state_dict(
             read_checkpoint(self.run_dir / "baseline" / "weights.pt", what="the baseline weights")
         )
-        callbacks: list[Callback] = []
-        pruning = StructuredPruning(**spec.pruning) if spec.pruning is not None else None
-        if pruning is not None:
-            callbacks.append(pruning)
-        quantization = (
-            QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
-        )
-        if quantization is not None:
-            callbacks.append(quantization)
-        trainer = self._trainer(folder, f"expert-{spec.name}", spec.max_epochs, callbacks)
+        pruning, quantization = self.pruning_callback(spec), self.quantization_callback(spec)
+        callbacks: list[Callback] = [cb for cb in (pruning, quantization) if cb is not None]
+        trainer = self.phase_trainer(folder, f"expert-{spec.name}", spec.max_epochs, callbacks)
         self._fit(trainer, model, folder)
         artifact = folder / "expert.pt2"
 
@@ -363,14 +314,12 @@ class Pipeline:
         return on_rank_zero(write, what=f"writing the artifact of expert {spec.name!r}")
 
     def _run_moe(self, top_k: int) -> dict[str, Any]:
-        from lightning_hybridcomp.moe import MoELightningModule
-
         folder = self.run_dir / "moe" / f"k{top_k}"
         folder.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(self.config.seed, workers=True)
         experts = [str(self.run_dir / "experts" / e.name / "expert.pt2") for e in self.config.experts]
-        moe = MoELightningModule(experts=experts, top_k=top_k, **self.config.moe.options)
-        trainer = self._trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
+        moe = self.moe_module(top_k, experts)
+        trainer = self.phase_trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
         self._fit(trainer, moe, folder)
         target = folder / "moe.ckpt"
         # `save_checkpoint` is a collective that rank zero alone writes; the rename makes it appear whole.
@@ -492,64 +441,96 @@ class Pipeline:
     # ------------------------------------------------------------------ driver
 
     def phases(self) -> list[_Phase]:
-        phases = [
-            _Phase("baseline", self.run_dir / "baseline", self._run_baseline, self.config.baseline.max_epochs)
-        ]
-        for i, expert in enumerate(self.config.experts):
-            phases.append(
-                _Phase(
-                    f"expert {i + 1}/{len(self.config.experts)} '{expert.name}'",
-                    self.run_dir / "experts" / expert.name,
-                    functools.partial(self._run_expert, expert),
-                    expert.max_epochs,
-                )
-            )
-        for k in self.config.moe.top_k:
-            phases.append(
-                _Phase(
-                    f"MoE top-{k}",
-                    self.run_dir / "moe" / f"k{k}",
-                    functools.partial(self._run_moe, k),
-                    self.config.moe.max_epochs,
-                )
-            )  # type: ignore[misc]
-        phases.append(_Phase("evaluation", self.run_dir / "evaluation", self._run_evaluation))
-        return phases
+        experts = {f"experts/{e.name}": e for e in self.config.experts}
+        runs: dict[str, Callable[[], dict[str, Any]]] = {
+            "baseline": self._run_baseline,
+            "evaluation": self._run_evaluation,
+            **{key: functools.partial(self._run_expert, e) for key, e in experts.items()},
+            **{f"moe/k{k}": functools.partial(self._run_moe, k) for k in self.config.moe.top_k},
+        }
+        return [_Phase(spec, runs[spec.key]) for spec in self.specs]
+
+    def _begin(self, planned: PlannedPhase, ran: set[str], held: contextlib.ExitStack) -> str:
+        """Take the phase's lock and make its folder ready (rank zero); the action it then takes.
+
+        Another process may have finished the phase while this one waited for its lock: then it is skipped.
+        A phase redone starts from an empty folder, so no file of another configuration is ever mixed in.
+        """
+        spec = planned.spec
+        folder = self.run_dir / spec.key
+        held.enter_context(phase_lock(self.run_dir, spec.key))
+        done = read_json(folder / DONE_FILE)
+        if (
+            done is not None
+            and done != planned.seen_done
+            and done.get("fingerprint") == spec.fingerprint
+            and not ran.intersection(spec.upstream)
+        ):
+            return "skip"
+        if planned.action == "redo" and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / PHASE_FILE, {"fingerprint": spec.fingerprint, "inputs": spec.inputs})
+        return planned.action
 
     def run(self) -> list[dict[str, Any]]:
-        """Run every phase that is not finished yet, then print the report table.
+        """Print the plan, then run every phase it does not skip, then print the report table.
 
-        Under DDP every rank calls this; rank zero prepares the run directory and decides which phases
-        are pending (Lightning's launcher starts the other ranks inside the first phase's ``fit``).
+        Under DDP every rank calls this; rank zero prepares the run directory, plans, takes the phase locks
+        and decides (Lightning's launcher starts the other ranks inside the first phase's ``fit``).
 
         Returns:
-            The ``results.json`` model entries.
+            The ``results.json`` model entries (``[]`` for an ``only`` run without the evaluation).
         """
         on_rank_zero(self._prepare_run_dir, what="preparing the run directory")
-        phases = self.phases()
-        pending = [_read_done(phase.folder) is None for phase in phases]
+        # Lightning's launcher starts the other ranks inside the first phase's fit: until then each reads the
+        # run directory rank zero prepared; once their process group is up, rank zero's plan holds for all.
+        plan = broadcast_from_rank_zero(self.plan())
+        self._say(f"Plan for {self.run_dir}:\n{format_plan(plan)}")
+        phases = {phase.spec.key: phase for phase in self.phases()}
+        ran: set[str] = set()
         seconds = epochs = 0.0
-        for number, phase in enumerate(phases, start=1):
-            pending[number - 1] = broadcast_from_rank_zero(pending[number - 1])
-            if not pending[number - 1]:
-                self._say(f"=== Phase {number}/{len(phases)}: {phase.name} — finished earlier, skipped ===")
+        for number, planned in enumerate(plan, start=1):
+            phase = phases[planned.spec.key]
+            title = f"=== Phase {number}/{len(plan)}: {phase.name}"
+            if planned.action == "skip":
+                self._say(f"{title} — finished earlier, skipped ===")
                 continue
-            eta = ""
-            if epochs:
-                # Seconds per training epoch so far, times the training epochs still ahead.
-                left = sum(p.epochs for p, todo in zip(phases[number - 1 :], pending[number - 1 :]) if todo)
-                eta = f", about {seconds / epochs * left:.0f}s of training left"
-            self._say(f"=== Phase {number}/{len(phases)}: {phase.name}{eta} ===")
-            phase.folder.mkdir(parents=True, exist_ok=True)
-            start = time.monotonic()
-            result = phase.run()
-            elapsed = time.monotonic() - start
-            if phase.epochs:
-                seconds, epochs = seconds + elapsed, epochs + phase.epochs
-            done = {"phase": phase.name, "seconds": round(elapsed, 1), **result}
-            on_rank_zero(
-                functools.partial(_write_json, phase.folder / _DONE, done), what=f"finishing {phase.name}"
+            with contextlib.ExitStack() as held:
+                action = on_rank_zero(
+                    functools.partial(self._begin, planned, ran, held), what=f"starting {phase.name}"
+                )
+                if action == "skip":
+                    self._say(f"{title} — finished by another process meanwhile, skipped ===")
+                    continue
+                eta = ""
+                if epochs:
+                    # Seconds per training epoch so far, times the training epochs still ahead.
+                    left = sum(p.spec.epochs for p in plan[number - 1 :] if p.action != "skip")
+                    eta = f", about {seconds / epochs * left:.0f}s of training left"
+                self._say(f"{title} ({action}: {planned.reason}){eta} ===")
+                start = time.monotonic()
+                result = phase.run()
+                elapsed = time.monotonic() - start
+                if phase.spec.epochs:
+                    seconds, epochs = seconds + elapsed, epochs + phase.spec.epochs
+                done = {
+                    "phase": phase.name,
+                    "seconds": round(elapsed, 1),
+                    **result,
+                    "fingerprint": phase.spec.fingerprint,
+                    "inputs": phase.spec.inputs,
+                }
+                on_rank_zero(
+                    functools.partial(write_json, self.run_dir / phase.spec.key / DONE_FILE, done),
+                    what=f"finishing {phase.name}",
+                )
+            ran.add(planned.spec.key)
+        if "evaluation" not in {p.spec.key for p in plan}:
+            self._say(
+                f"\nFinished {', '.join(p.spec.key for p in plan)}; the report comes from a run without --only."
             )
+            return []
         results = json.loads((self.run_dir / "results.json").read_text())
         rows = [ResultRow(**{k: v for k, v in m.items() if k != "ratios"}) for m in results["models"]]
         self._say("\n" + report_table(rows))
@@ -562,6 +543,7 @@ def run_pipeline(
     *,
     run_dir: str | None = None,
     force: bool = False,
+    only: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Run the pipeline from a YAML path, a :class:`PipelineConfig`, or the embedded default (``None``).
 
@@ -576,4 +558,4 @@ def run_pipeline(
         resolved = config
     else:
         resolved = load_pipeline_config(Path(config) if config is not None else None, {"run_dir": run_dir})
-    return Pipeline(resolved, force=force).run()
+    return Pipeline(resolved, force=force, only=only).run()

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from lightning_hybridcomp._validation import is_int
+
 __all__ = [
     "BaselineConfig",
     "ComponentConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "ExpertConfig",
     "MoEConfig",
     "PipelineConfig",
+    "PipelineConfigError",
     "PipelineError",
     "load_pipeline_config",
     "parse_pipeline_config",
@@ -31,6 +34,28 @@ __all__ = [
 
 class PipelineError(RuntimeError):
     """A pipeline run cannot go on: a run directory of another configuration, or a phase that failed."""
+
+
+class PipelineConfigError(ValueError):
+    """Every problem found in a pipeline configuration, each with the YAML path of the value it is about.
+
+    Attributes:
+        problems: ``(yaml_path, message)`` pairs, e.g. ``("experts[2].pruning.start_epoch", "Expected ...")``.
+        errors: the exceptions behind the problems, where each came from one (their tracebacks say where).
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], *, errors: list[BaseException] | None = None) -> None:
+        self.problems = list(problems)
+        self.errors = list(errors or [])
+        if len(self.problems) == 1:
+            path, message = self.problems[0]
+            text = f"{path}: {message}"
+        else:
+            lines = "".join(f"\n  {path}: {message}" for path, message in self.problems)
+            text = (
+                f"{len(self.problems)} problems in the pipeline configuration, found before training:{lines}"
+            )
+        super().__init__(text)
 
 
 def _check_keys(section: str, given: dict[str, Any], valid: list[str]) -> None:
@@ -198,7 +223,7 @@ class PipelineConfig:
         seed: global seed.
         data: the datamodule (any class path; the embedded digits by default).
         baseline: phase 0.
-        experts: phase 1, one entry per expert (at least one; the MoE needs two).
+        experts: phase 1, one entry per expert (at least two: the MoE routes between them).
         moe: phase 2.
         evaluation: phase 3.
         trainer: extra ``Trainer`` arguments for every phase (``accelerator``, ``devices``,
@@ -274,31 +299,69 @@ def _build(cls: type, value: Any, section: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(config: PipelineConfig) -> None:
+def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
+    """The inconsistent values of ``config``, each with its YAML path."""
+    problems: list[tuple[str, str]] = []
     names = [e.name for e in config.experts]
     if len(set(names)) != len(names):
-        raise ValueError(f"Expected unique expert names, got {names}.")
-    for e in config.experts:
-        if not e.name or any(c in e.name for c in "/\\ ") or e.name.startswith("."):
-            raise ValueError(f"Expected expert `name` to be a plain folder name, got {e.name!r}.")
-        if e.max_epochs < 1:
-            raise ValueError(f"Expected `experts[{e.name}].max_epochs` >= 1, got {e.max_epochs}.")
-    if config.baseline.max_epochs < 0 or (config.baseline.max_epochs == 0 and not config.baseline.checkpoint):
-        raise ValueError(
-            "Expected `baseline.max_epochs` >= 1 (or 0 together with `baseline.checkpoint`), got"
-            f" {config.baseline.max_epochs}."
+        problems.append(("experts", f"Expected unique expert names, got {names}."))
+    if len(config.experts) < 2:
+        problems.append(
+            (
+                "experts",
+                f"Expected at least two experts, got {len(config.experts)}: the MoE phase routes between them"
+                " (a single compressed model needs no gate; train it with `hybridcomp fit` and the callbacks).",
+            )
         )
-    if not config.moe.top_k or any(not isinstance(k, int) or k < 1 for k in config.moe.top_k):
-        raise ValueError(f"Expected `moe.top_k` to be a list of positive integers, got {config.moe.top_k!r}.")
-    if len(config.experts) >= 2 and max(config.moe.top_k) > len(config.experts):
-        raise ValueError(
-            f"Expected every `moe.top_k` to be at most the number of experts ({len(config.experts)}),"
-            f" got {config.moe.top_k}."
+    for i, e in enumerate(config.experts):
+        if (
+            not isinstance(e.name, str)
+            or not e.name
+            or any(c in e.name for c in "/\\ ")
+            or e.name.startswith(".")
+        ):
+            problems.append(
+                (f"experts[{i}].name", f"Expected expert `name` to be a plain folder name, got {e.name!r}.")
+            )
+        if not is_int(e.max_epochs) or e.max_epochs < 1:
+            problems.append(
+                (f"experts[{i}].max_epochs", f"Expected `max_epochs` >= 1, got {e.max_epochs!r}.")
+            )
+    baseline = config.baseline
+    if (
+        not is_int(baseline.max_epochs)
+        or baseline.max_epochs < 0
+        or (baseline.max_epochs == 0 and not baseline.checkpoint)
+    ):
+        problems.append(
+            (
+                "baseline.max_epochs",
+                "Expected `baseline.max_epochs` >= 1 (or 0 together with `baseline.checkpoint`), got"
+                f" {baseline.max_epochs!r}.",
+            )
         )
-    if any(b < 1 for b in config.evaluation.latency_batch_sizes):
-        raise ValueError(
-            f"Expected positive `evaluation.latency_batch_sizes`, got {config.evaluation.latency_batch_sizes}."
+    top_k = config.moe.top_k
+    if not isinstance(top_k, list) or not top_k or any(not is_int(k) or k < 1 for k in top_k):
+        problems.append(
+            ("moe.top_k", f"Expected `moe.top_k` to be a list of positive integers, got {top_k!r}.")
         )
+    elif len(config.experts) >= 2 and max(top_k) > len(config.experts):
+        problems.append(
+            (
+                "moe.top_k",
+                f"Expected every `moe.top_k` to be at most the number of experts ({len(config.experts)}),"
+                f" got {top_k}.",
+            )
+        )
+    sizes = config.evaluation.latency_batch_sizes
+    if not isinstance(sizes, list) or any(not is_int(b) or b < 1 for b in sizes):
+        problems.append(
+            (
+                "evaluation.latency_batch_sizes",
+                f"Expected positive `evaluation.latency_batch_sizes`, got {sizes}.",
+            )
+        )
+    return problems
 
 
 def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:
@@ -306,7 +369,9 @@ def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:
 
     Raises:
         ValueError: for unknown keys (the message lists the valid ones), unknown components, arguments a
-            component does not take, an empty expert list, or inconsistent values.
+            component does not take, or an empty expert list (the first such error); a
+            :class:`PipelineConfigError` listing every inconsistent value (fewer than two experts, a
+            ``top_k`` above their number, ...) with its YAML path.
 
     Example::
 
@@ -314,7 +379,9 @@ def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:
         [2]
     """
     config = _build(PipelineConfig, raw or {}, "")
-    _validate(config)
+    problems = _problems(config)
+    if problems:
+        raise PipelineConfigError(problems)
     return config
 
 

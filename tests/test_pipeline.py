@@ -112,13 +112,15 @@ def test_rerun_skips_finished_phases(finished_run) -> None:
     assert "| moe-k1 " in result.stdout
 
 
-def test_other_config_in_the_same_run_dir_is_refused(finished_run, tmp_path) -> None:
+def test_other_config_in_the_same_run_dir_redoes_what_it_changes(finished_run, tmp_path) -> None:
+    """Results of two configurations are never mixed: a phase whose inputs changed is redone, not reused."""
     _, run_dir, _ = finished_run
-    other = _write_config(tmp_path, seed=7)
+    raw = json.loads(json.dumps(MINI))
+    raw.update(run_dir=str(run_dir), seed=7)
     before = done_marker_times(run_dir)
-    result = _run(other, run_dir)
-    assert result.returncode == 2
-    assert "holds results of a different configuration" in result.stderr and "--force" in result.stderr
+    plan = Pipeline(parse_pipeline_config(raw), say=lambda _: None).plan()
+    assert [p.action for p in plan] == ["redo"] * 6
+    assert plan[0].reason == "its configuration changed: seed"
     assert done_marker_times(run_dir) == before
 
 

@@ -1,0 +1,148 @@
+"""Every problem of a pipeline configuration is found before the first epoch, each with its YAML path."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import yaml
+
+from lightning_hybridcomp.cli import main
+from lightning_hybridcomp.pipeline import Pipeline
+from lightning_hybridcomp.pipeline_config import PipelineConfigError, parse_pipeline_config
+from tests._helpers import MINI_PIPELINE
+
+
+def _raw(run_dir: Path) -> dict[str, Any]:
+    raw = copy.deepcopy(MINI_PIPELINE)
+    raw["run_dir"] = str(run_dir)
+    return raw
+
+
+def _cli(raw: dict[str, Any], tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "--config", str(config), *extra])
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+def test_error_in_the_last_expert_fails_before_any_training(tmp_path, capsys) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["experts"][-1]["pruning"] = {"importance": "taylor", "start_epoch": 0, "iterative_steps": 1}
+    code, err = _cli(raw, tmp_path, capsys)
+    assert code == 2
+    assert err.startswith("hybridcomp: error: experts[1].pruning.start_epoch: Expected `start_epoch` >= 1")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # no run directory, so no checkpoint of any phase
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_every_problem_is_reported_together(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["data"]["init_args"]["batch_size"] = 0
+    raw["experts"][0]["pruning"]["iterative_steps"] = 5  # ends after max_epochs = 2
+    raw["experts"][0]["quantization"]["start_epoch"] = 3
+    raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
+    raw["experts"][1]["lr"] = -1.0
+    raw["moe"]["options"] = {"gate": "expert:4", "balance_coefficient": -1}
+    with pytest.raises(PipelineConfigError) as found:
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    paths = [path for path, _ in found.value.problems]
+    assert paths == [
+        "data.init_args.batch_size",
+        "experts[0].max_epochs",
+        "experts[0].quantization.start_epoch",
+        "experts[1].lr",
+        "experts[1].pruning.ignored_layers",
+        "moe.options.balance_coefficient",
+        "moe.options.gate",
+    ]
+    assert str(found.value).startswith(f"{len(paths)} problems in the pipeline configuration")
+    assert not (tmp_path / "run").exists()
+
+
+def test_layer_names_are_checked_against_the_model(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
+    with pytest.raises(PipelineConfigError, match=r"^experts\[1\]\.pruning\.ignored_layers: .*no_such_layer"):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"experts": [MINI_PIPELINE["experts"][0]]}, r"^experts: Expected at least two experts, got 1"),
+        (
+            {"moe": {"options": {"eval_top_k": 3}}},
+            r"^moe\.options\.eval_top_k: .*at most the number of experts",
+        ),
+        ({"trainer": {"max_epoch": 3}}, r"^trainer: .*max_epoch"),
+    ],
+    ids=["one-expert", "eval-top-k", "trainer-typo"],
+)
+def test_moe_and_trainer_arguments_are_checked_without_experts(tmp_path, change, match) -> None:
+    raw = {**_raw(tmp_path / "run"), **change}
+    with pytest.raises(ValueError, match=match):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+
+
+def test_only_names_a_phase_of_the_configuration(tmp_path) -> None:
+    config = parse_pipeline_config(_raw(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"got \['experts/nope'\]. Phases: \['baseline', 'experts/half'"):
+        Pipeline(config, only=["experts/nope"], say=lambda _: None)
+
+
+def test_run_dir_under_a_file_is_one_clear_line(tmp_path, capsys) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    code, err = _cli(_raw(tmp_path / "a_file" / "run"), tmp_path, capsys)
+    assert code == 2
+    assert err.startswith("hybridcomp: error: The run directory ") and "a file, not a folder" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_run_dir_is_one_clear_line(tmp_path, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, err = _cli(_raw(locked / "run"), tmp_path, capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and "is not writable" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_run_dir_that_cannot_be_created_is_one_clear_line(tmp_path, capsys) -> None:
+    """A folder the system refuses to create (here inside /proc, whatever the user) gives one clear line."""
+    code, err = _cli(_raw(Path("/proc/hybridcomp-no-such-process/run")), tmp_path, capsys)
+    assert code == 2
+    assert err.startswith(
+        "hybridcomp: error: The run directory '/proc/hybridcomp-no-such-process/run' cannot"
+    )
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+class RefusingDataModule(pl.LightningDataModule):
+    """A user's datamodule whose constructor refuses its argument."""
+
+    def __init__(self, size: int = 1) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+
+
+def test_a_refusal_raised_in_user_code_keeps_its_traceback(tmp_path, capsys) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["data"] = {"class_path": f"{__name__}.RefusingDataModule", "init_args": {"size": 0}}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PipelineConfigError, match=r"^data: size must be positive, got 0$") as found:
+        main(["pipeline", "--config", str(config)])  # not a SystemExit: the CLI shows the traceback
+    assert isinstance(found.value.errors[0], ValueError)
+    assert "hybridcomp: error" not in capsys.readouterr().err
