@@ -27,6 +27,7 @@ __all__ = [
     "check_example_source",
     "check_schedule",
     "check_start",
+    "check_start_before_end",
 ]
 
 #: The engines of `torch.ao.quantization` that users ask for; their PT2E successor is 'x86_pt2e'.
@@ -147,13 +148,23 @@ def check_start(
             f"QuantizationAwareTraining: `start_epoch`={start_epoch} comes before the last pruning step"
             f" (epoch {start}); fake quantization waits and starts at epoch {start}, after pruning."
         )
+    if stage == "float":
+        check_start_before_end(trainer, start)
+    return warned
+
+
+def check_start_before_end(trainer: pl.Trainer, start: int) -> None:
+    """Refuse a fake-quantization start (after the last pruning step) at or after ``max_epochs``.
+
+    Run at ``setup`` as soon as the pruning schedule is known (a pruning callback listed before this one),
+    and again at ``on_train_start``.
+    """
     max_epochs = trainer.max_epochs
-    if stage == "float" and max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
+    if max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
         raise ValueError(
             f"Expected fake quantization to start before `max_epochs`={max_epochs}, but it would start at epoch"
             f" {start} (after the last pruning step). Raise max_epochs to at least {start + 1}."
         )
-    return warned
 
 
 def check_checkpoint_state(state: Any, *, fitting: bool, backend: str, network_name: str | None) -> str:

@@ -35,6 +35,7 @@ from lightning_hybridcomp.callbacks._qat_checks import (
     check_example_source,
     check_schedule,
     check_start,
+    check_start_before_end,
 )
 from lightning_hybridcomp.callbacks._qat_error_monitor import FakeQuantErrorMonitor
 from lightning_hybridcomp.callbacks._qat_figures import measure_artifact, publish_to_loggers, summary_metrics
@@ -240,6 +241,8 @@ class QuantizationAwareTraining(Callback):
                 stage=self._progress.stage,
             )
             check_schedule(trainer, start_epoch=self.start_epoch, start_step=self.start_step)
+            if self.start_step is None:
+                check_start_before_end(trainer, self._effective_start_epoch(trainer))
         # Lightning reads a checkpoint only after every setup and loads its weights right after the
         # LightningModule's `on_load_checkpoint`; the structure the weights need is built there.
         self._interceptor.install(
