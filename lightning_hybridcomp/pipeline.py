@@ -369,7 +369,10 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(self.config.seed, workers=True)
         experts = [str(self.run_dir / "experts" / e.name / "expert.pt2") for e in self.config.experts]
-        moe = MoELightningModule(experts=experts, top_k=top_k, **self.config.moe.options)
+        # The task loss tells a router which expert is better only through competing weights (k >= 2; at
+        # k = 1 it only rewards confidence in whatever won), so a top-1 MoE trains at k = 2 and routes at 1.
+        options = {"top_k": max(top_k, 2), "eval_top_k": top_k, **self.config.moe.options}
+        moe = MoELightningModule(experts=experts, **options)
         trainer = self._trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
         self._fit(trainer, moe, folder)
         target = folder / "moe.ckpt"
