@@ -411,11 +411,12 @@ class FashionMNISTDataModule(_SplitDataModule):
                     return candidate
         return None
 
-    def _missing(self) -> list[str]:
+    def missing_files(self) -> list[str]:
+        """The names of the four files not found in ``data_dir`` (neither gzipped nor raw)."""
         return [name for pair in self.files.values() for name in pair if self._find(name) is None]
 
     def prepare_data(self) -> None:
-        if self.download and self._missing():
+        if self.download and self.missing_files():
             from torchvision.datasets import FashionMNIST
 
             FashionMNIST(self.data_dir, train=True, download=True)
@@ -437,7 +438,7 @@ class FashionMNISTDataModule(_SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        missing = self._missing()
+        missing = self.missing_files()
         if missing:
             raise RuntimeError(
                 f"FashionMNISTDataModule found no {', '.join(missing)} (.gz or not) in `data_dir`={self.data_dir!r}"
