@@ -70,7 +70,7 @@ def _fit(experts: list[nn.Module], epochs: int, **kwargs) -> MoELightningModule:
 
 @pytest.fixture(scope="module")
 def specialists() -> MoELightningModule:
-    return _fit([Specialist(owned) for owned in _owners()], epochs=12)
+    return _fit([Specialist(owned) for owned in _owners()], epochs=8)
 
 
 def test_specialist_experts_example_is_what_it_claims() -> None:
@@ -135,7 +135,7 @@ def test_training_top1_keeps_the_raw_router_weight() -> None:
 def test_identical_experts_still_share_the_load_with_default_settings(k) -> None:
     # Nothing in the task loss prefers one expert: only the balancing losses decide. Routing must not
     # collapse onto the expert with the largest constant bias (what the Switch loss alone gave).
-    moe = _fit([Specialist(None) for _ in range(NUM_EXPERTS)], epochs=8, eval_top_k=k)
+    moe = _fit([Specialist(None) for _ in range(NUM_EXPERTS)], epochs=6, eval_top_k=k)
     _, _, (x, _) = _loaders()
     with torch.no_grad():
         gating, _ = moe.route(x)
