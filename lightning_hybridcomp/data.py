@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageFolderDataModule", "MNISTDataModule", "load_digits"]
+__all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+    "load_digits",
+    "read_idx",
+]
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -311,6 +319,141 @@ class MNISTDataModule(_TorchvisionDataModule):
         from torchvision.datasets import MNIST
 
         return MNIST(self.data_dir, train=train, transform=transform, download=self.download)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one file of the IDX format (MNIST, Fashion-MNIST), gzipped (``*.gz``) or not.
+
+    Raises:
+        ValueError: for a file that is not an unsigned-byte IDX array, or a truncated one.
+
+    Example::
+
+        >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").shape  # doctest: +SKIP
+        (10000,)
+    """
+    import gzip
+
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise ValueError(f"Expected {str(path)!r} to be an IDX file of unsigned bytes (MNIST format).")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) != offset + int(np.prod(shape)):
+        raise ValueError(f"The IDX file {str(path)!r} is truncated: shape {shape} needs more bytes.")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+class FashionMNISTDataModule(_SplitDataModule):
+    """Fashion-MNIST (28x28 grayscale clothing, 10 classes, 60,000 + 10,000 images).
+
+    Reads the four IDX files of the torchvision on-disk format, gzipped or not, from ``data_dir`` itself
+    or from ``data_dir/FashionMNIST/raw`` (where torchvision's download puts them). Offline, point
+    ``data_dir`` at any copy, for example the one Debian's ``dataset-fashion-mnist`` package installs in
+    ``/usr/share/datasets/fashion-mnist``. The network is used only with ``download=True``, and only when
+    the files are missing. The whole split is held as tensors standardised with the dataset's mean and
+    standard deviation; the validation images are a seeded draw from the training files.
+
+    Args:
+        data_dir: folder holding the files, or where ``download=True`` puts them.
+        batch_size: samples per batch.
+        val_size: training images held out for validation (seeded).
+        download: fetch the files through torchvision when they are missing (needs the network).
+        seed: seed of the validation split.
+        num_workers: DataLoader worker processes.
+
+    Raises:
+        ValueError: for bad arguments, or files that are not Fashion-MNIST's.
+        RuntimeError: at ``setup`` when the files are missing and ``download`` is off (the message says
+            how to get them).
+
+    Example::
+
+        >>> dm = FashionMNISTDataModule("/usr/share/datasets/fashion-mnist", batch_size=64)  # doctest: +SKIP
+        >>> dm.setup("fit")  # doctest: +SKIP
+    """
+
+    num_classes = 10
+    dims = (1, 28, 28)
+    mean = 0.2860
+    std = 0.3530
+    files = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        batch_size: int = 128,
+        val_size: int = 5000,
+        download: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(f"Expected `val_size` to be a non-negative integer, got {val_size!r}.")
+        if not isinstance(download, bool):
+            raise ValueError(f"Expected `download` to be True or False, got {download!r}.")
+        self.data_dir = str(data_dir)
+        self.val_size = val_size
+        self.download = download
+        self.seed = seed
+        self.save_hyperparameters()
+
+    def _find(self, name: str) -> Path | None:
+        for folder in (Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"):
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    def missing_files(self) -> list[str]:
+        """The names of the four files not found in ``data_dir`` (neither gzipped nor raw)."""
+        return [name for pair in self.files.values() for name in pair if self._find(name) is None]
+
+    def prepare_data(self) -> None:
+        if self.download and self.missing_files():
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(self.data_dir, train=True, download=True)
+            FashionMNIST(self.data_dir, train=False, download=True)
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        images_name, labels_name = self.files[split]
+        images_path, labels_path = self._find(images_name), self._find(labels_name)
+        assert images_path is not None and labels_path is not None  # checked by setup
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"Expected {str(images_path)!r} to hold [n, 28, 28] images and {str(labels_path)!r} their n"
+                f" labels, got {images.shape} and {labels.shape}."
+            )
+        x = (torch.from_numpy(images.copy()).float().div_(255.0).sub_(self.mean).div_(self.std)).unsqueeze(1)
+        return x, torch.from_numpy(labels.astype(np.int64))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        missing = self.missing_files()
+        if missing:
+            raise RuntimeError(
+                f"FashionMNISTDataModule found no {', '.join(missing)} (.gz or not) in `data_dir`={self.data_dir!r}"
+                " or its FashionMNIST/raw folder. Pass `download=True` to fetch them, or point `data_dir` at a"
+                " copy (`apt-get install dataset-fashion-mnist` puts one in /usr/share/datasets/fashion-mnist)."
+            )
+        x, y = self._split("train")
+        if self.val_size >= len(y):
+            raise ValueError(
+                f"Expected `val_size` to be smaller than the training set ({len(y)}), got {self.val_size}."
+            )
+        train_idx, val_idx = _split_indices(len(y), (self.val_size / len(y),), self.seed)
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.test_set = TensorDataset(*self._split("test"))
 
 
 class ImageFolderDataModule(_SplitDataModule):

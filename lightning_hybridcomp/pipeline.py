@@ -249,7 +249,10 @@ class Pipeline:
         """The MoE phase's module (``experts=None`` builds it unbuilt: its arguments are checked alone)."""
         from lightning_hybridcomp.moe import MoELightningModule
 
-        return MoELightningModule(experts=experts, top_k=top_k, **self.config.moe.options)
+        # The task loss tells a router which expert is better only through competing weights (k >= 2; at
+        # k = 1 it only rewards confidence in whatever won), so a top-1 MoE trains at k = 2 and routes at 1.
+        options = {"top_k": max(top_k, 2), "eval_top_k": top_k, **self.config.moe.options}
+        return MoELightningModule(experts=experts, **options)
 
     # ------------------------------------------------------------------ phases
 

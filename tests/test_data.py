@@ -12,9 +12,11 @@ from PIL import Image
 from lightning_hybridcomp.data import (
     CIFAR10DataModule,
     DigitsDataModule,
+    FashionMNISTDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
     load_digits,
+    read_idx,
 )
 
 
@@ -140,6 +142,92 @@ def test_mnist_reads_local_idx_files(tmp_path) -> None:
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 6, 12)
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (6, 1, 28, 28) and y.dtype == torch.int64
+
+
+def _fashion_fixture(
+    folder, *, gz: bool, n_train: int = 30, n_test: int = 12
+) -> tuple[np.ndarray, np.ndarray]:
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[f"{prefix}-images-idx3-ubyte"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{prefix}-labels-idx1-ubyte"] = rng.integers(0, 10, n, dtype=np.uint8)
+    for name, array in arrays.items():
+        _write_idx(folder / name, array)
+        if gz:
+            raw = (folder / name).read_bytes()
+            (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+            (folder / name).unlink()
+    return arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Any download through torchvision or any socket is recorded and refused."""
+    import socket
+
+    import torchvision.datasets
+
+    calls: list[str] = []
+
+    def refuse(*args, **kwargs):
+        calls.append("network")
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_fashion_mnist_reads_local_idx_files(tmp_path, no_network, gz: bool, layout: str) -> None:
+    folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
+    test_images, test_labels = _fashion_fixture(folder, gz=gz)
+    dm = FashionMNISTDataModule(str(tmp_path), batch_size=5, val_size=6, download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 6, 12)
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (5, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    expected = (torch.from_numpy(test_images[:5].astype(np.float32)) / 255 - 0.2860) / 0.3530
+    torch.testing.assert_close(x[:, 0], expected)
+    assert y.tolist() == test_labels[:5].tolist()
+    assert no_network == []
+
+
+def test_fashion_mnist_downloads_only_when_asked_and_missing(tmp_path, no_network) -> None:
+    dm = FashionMNISTDataModule(str(tmp_path / "empty"), download=False)
+    dm.prepare_data()
+    with pytest.raises(
+        RuntimeError, match=r"found no train-images-idx3-ubyte.*download=True.*dataset-fashion-mnist"
+    ):
+        dm.setup("fit")
+    assert no_network == []
+    _fashion_fixture(tmp_path / "here", gz=True)
+    FashionMNISTDataModule(str(tmp_path / "here"), download=True).prepare_data()  # present: nothing to fetch
+    assert no_network == []
+    with pytest.raises(OSError, match="network access"):
+        FashionMNISTDataModule(str(tmp_path / "empty"), download=True).prepare_data()
+    assert no_network == ["network"]
+
+
+def test_fashion_mnist_bad_files_and_arguments(tmp_path) -> None:
+    (tmp_path / "bad").write_bytes(b"not idx")
+    with pytest.raises(ValueError, match="to be an IDX file of unsigned bytes"):
+        read_idx(tmp_path / "bad")
+    _write_idx(tmp_path / "short", np.zeros((3, 28, 28), dtype=np.uint8))
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-10])
+    with pytest.raises(ValueError, match="is truncated"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(ValueError, match="Expected `val_size` to be a non-negative integer"):
+        FashionMNISTDataModule(val_size=-1)
+    _fashion_fixture(tmp_path / "small", gz=False)
+    with pytest.raises(ValueError, match=r"Expected `val_size` to be smaller than the training set \(30\)"):
+        FashionMNISTDataModule(str(tmp_path / "small"), val_size=30).setup("fit")
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,9 +1,12 @@
 """Mixture of Experts over compressed classifiers: a learned top-k gate and sparse per-sample dispatch."""
 
+from lightning_hybridcomp.moe.dispatch import mix_expert_probabilities
 from lightning_hybridcomp.moe.gate import (
     Gate,
     GateNetwork,
     TopKGating,
+    assignment_loss,
+    balanced_assignment,
     dense_gates,
     importance_loss,
     load_balancing_loss,
@@ -21,10 +24,13 @@ __all__ = [
     "MoELightningModule",
     "RoutingStatistics",
     "TopKGating",
+    "assignment_loss",
+    "balanced_assignment",
     "dense_gates",
     "importance_loss",
     "load_balancing_loss",
     "load_moe",
+    "mix_expert_probabilities",
     "router_z_loss",
     "routing_mask",
     "top_k_gate",

@@ -11,13 +11,58 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_hybridcomp.moe.gate import TopKGating, dense_gates
 
-__all__ = ["DispatchResult", "capacity_keep", "dense_dispatch", "sparse_dispatch"]
+__all__ = [
+    "BucketedExpert",
+    "DispatchResult",
+    "bucket_size",
+    "capacity_keep",
+    "dense_dispatch",
+    "mix_expert_probabilities",
+    "sparse_dispatch",
+]
 
 ExpertFn = Callable[[Tensor], Tensor]
+
+
+def bucket_size(n: int) -> int:
+    """The sub-batch size a compiled expert runs at for ``n`` samples: the next power of two.
+
+    Example::
+
+        >>> [bucket_size(n) for n in (1, 2, 3, 5, 64)]
+        [1, 2, 4, 8, 64]
+    """
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class BucketedExpert(nn.Module):
+    """Runs a compiled expert on sub-batches zero-padded to :func:`bucket_size`, and drops the padding.
+
+    A compiled int8 program is specialised to one batch size (a symbolic batch breaks torch 2.14's int8
+    convolution lowering), and sparse dispatch hands each expert a different sub-batch size in every batch:
+    unpadded, every new size recompiles, and past Dynamo's recompile limit the expert falls back to slow
+    eager int8. With buckets a batch of ``B`` needs at most ``log2(B) + 1`` compilations, once each, for at
+    most twice the expert's MACs on the padded rows. Rows are independent in eval mode, so the real rows'
+    outputs are unchanged.
+
+    Args:
+        compiled: the compiled expert (:func:`~lightning_hybridcomp.artifacts.compile_artifact`).
+    """
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        size = bucket_size(n)
+        if size != n:
+            x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
+        return self.compiled(x)[:n]
 
 
 class DispatchResult(NamedTuple):
@@ -32,6 +77,39 @@ class DispatchResult(NamedTuple):
     probs: Tensor
     keep: Tensor
     counts: Tensor
+
+
+def mix_expert_probabilities(
+    slot_probs: Tensor, weights: Tensor, keep: Tensor | None = None, *, normalise: bool = True
+) -> Tensor:
+    r"""The MoE's mixture of the chosen experts' class probabilities: ``[B, k, C]`` and ``[B, k]`` to ``[B, C]``.
+
+    :math:`\sum_j w_j q_j / \sum_j w_j` over the kept slots with ``normalise=True`` (a distribution at every
+    ``k``: at ``k = 1`` it is the chosen expert's own probabilities), :math:`\sum_j w_j q_j` with
+    ``normalise=False`` (the rule of training, where top-1 keeps Switch's raw router probability as the
+    weight). A sample whose every slot was dropped by a capacity limit gets an all-zero row either way. The one
+    definition of the mixture: the MoE, its dense reference and exported runtimes compute it here.
+
+    Args:
+        slot_probs: ``[B, k]`` class probabilities of each sample's chosen experts, ``[B, k, C]``.
+        weights: ``[B, k]`` gate weights of those experts.
+        keep: ``[B, k]`` bool, the assignments a capacity limit kept; ``None`` for all.
+        normalise: divide by the kept weights' sum.
+
+    Example::
+
+        >>> q = torch.tensor([[[1.0, 0.0]]])  # one sample, k = 1, two classes
+        >>> mix_expert_probabilities(q, torch.tensor([[0.6]])).tolist()
+        [[1.0, 0.0]]
+        >>> mix_expert_probabilities(q, torch.tensor([[0.6]]), normalise=False).tolist()
+        [[0.6000000238418579, 0.0]]
+    """
+    if keep is not None:
+        weights = weights * keep
+    if normalise:
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), weights)
+    return (weights.unsqueeze(-1) * slot_probs).sum(dim=1)
 
 
 def capacity_keep(gating: TopKGating, num_experts: int, capacity_factor: float) -> Tensor:
@@ -61,7 +139,13 @@ def capacity_keep(gating: TopKGating, num_experts: int, capacity_factor: float) 
 
 
 def sparse_dispatch(
-    x: Tensor, gating: TopKGating, experts: Sequence[ExpertFn], num_classes: int, keep: Tensor | None = None
+    x: Tensor,
+    gating: TopKGating,
+    experts: Sequence[ExpertFn],
+    num_classes: int,
+    keep: Tensor | None = None,
+    *,
+    normalise: bool = True,
 ) -> DispatchResult:
     """Run each expert once, on exactly the samples routed to it, and mix their probabilities.
 
@@ -74,6 +158,7 @@ def sparse_dispatch(
         experts: one callable per expert, images to ``[b, num_classes]`` logits.
         num_classes: width of the experts' logits.
         keep: ``[B, k]`` assignments a capacity limit kept (:func:`capacity_keep`), ``None`` for all.
+        normalise: mix with normalised weights (:func:`mix_expert_probabilities`).
     """
     routed = gating.indices if keep is None else gating.indices.masked_fill(~keep, -1)
     batch, k = gating.indices.shape
@@ -84,20 +169,29 @@ def sparse_dispatch(
             continue
         rows, slots = (routed == expert).nonzero(as_tuple=True)
         slot_probs[rows, slots] = experts[expert](x[rows]).float().softmax(dim=-1)
-    probs = (gating.weights.unsqueeze(-1) * slot_probs).sum(dim=1)
     if keep is None:
         keep = torch.ones_like(gating.indices, dtype=torch.bool)
+    probs = mix_expert_probabilities(slot_probs, gating.weights, keep, normalise=normalise)
     return DispatchResult(probs=probs, keep=keep, counts=counts)
 
 
 def dense_dispatch(
-    x: Tensor, gating: TopKGating, experts: Sequence[ExpertFn], keep: Tensor | None = None
+    x: Tensor,
+    gating: TopKGating,
+    experts: Sequence[ExpertFn],
+    keep: Tensor | None = None,
+    *,
+    normalise: bool = True,
 ) -> Tensor:
     """Reference for :func:`sparse_dispatch`: every expert on every sample, masked with the dense gates.
 
-    Costs all experts on all samples; for tests and benchmarks.
+    Costs all experts on all samples; for tests and benchmarks. Computed independently of
+    :func:`mix_expert_probabilities`: the dense gate matrix, renormalised per row with ``normalise=True``.
     """
     weights = gating.weights if keep is None else gating.weights * keep
+    if normalise:
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = torch.where(total > 0, weights / total.clamp_min(1e-30), weights)
     gates = dense_gates(TopKGating(gating.indices, weights, gating.probs, gating.logits), len(experts))
     all_probs = torch.stack([expert(x).float().softmax(dim=-1) for expert in experts])
     return torch.einsum("bn,nbc->bc", gates, all_probs)

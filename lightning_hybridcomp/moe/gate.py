@@ -28,6 +28,8 @@ __all__ = [
     "GateNetwork",
     "ModuleGate",
     "TopKGating",
+    "assignment_loss",
+    "balanced_assignment",
     "build_gate",
     "check_gate_options",
     "check_gate_output",
@@ -236,6 +238,77 @@ def router_z_loss(logits: Tensor, coefficient: float = 1.0) -> Tensor:
     _check_logits(logits)
     _check_coefficient(coefficient)
     return coefficient * torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def balanced_assignment(logits: Tensor, *, temperature: float = 0.5, iterations: int = 10) -> Tensor:
+    r"""``[B, N]`` balanced soft assignment of a batch to the experts, the target of :func:`assignment_loss`.
+
+    Each expert's logits are first standardised over the batch (:math:`(z_i - \bar z_i) / \sigma_i`), which
+    removes what a router says about *every* sample (a constant preference for one expert) and keeps what
+    it says about *this* sample relative to the others; Sinkhorn iterations on ``exp(z / temperature)``
+    then scale rows to sum to one and columns to ``B / N``, so every expert receives an equal share of the
+    batch, given to the samples the router ranks highest for it (Clark et al., 2022, S-BASE). No gradient
+    flows through the target.
+
+    Args:
+        logits: ``[B, N]`` router logits.
+        temperature: sharpness of the assignment (smaller: closer to a hard balanced assignment).
+        iterations: Sinkhorn iterations.
+
+    Raises:
+        ValueError: for logits that are not ``[B, N]`` or a non-positive temperature.
+
+    Example::
+
+        >>> logits = torch.tensor([[5.0, 4.0], [5.0, 4.5], [5.0, 3.0], [5.0, 4.8]])  # expert 0 first everywhere
+        >>> balanced_assignment(logits, temperature=0.1).argmax(dim=-1).tolist()  # yet each takes half
+        [0, 1, 0, 1]
+    """
+    _check_logits(logits)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"Expected `temperature` to be a positive float, got {temperature!r}.")
+    z = logits.detach().float()
+    batch, num_experts = z.shape
+    if batch < 2:
+        return torch.full_like(z, 1.0 / num_experts)
+    z = (z - z.mean(dim=0)) / (z.std(dim=0, unbiased=False) + 1e-6)
+    log_p = z / temperature
+    column = torch.log(torch.tensor(batch / num_experts, dtype=z.dtype, device=z.device))
+    for _ in range(iterations):
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + column
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    return log_p.exp()
+
+
+def assignment_loss(logits: Tensor, target: Tensor, coefficient: float = 1.0) -> Tensor:
+    r"""Cross-entropy of the router towards a balanced assignment: :math:`-c \frac{1}{B} \sum_b \sum_i T_{b,i} \log p_{b,i}`.
+
+    With ``target = balanced_assignment(logits)`` this teaches the *clean* (evaluation) routing an
+    input-dependent, balanced partition of the data. The Switch loss alone is satisfied by routing noise in
+    training while the deterministic routing of evaluation sends every sample to the expert with the
+    largest constant bias; this loss acts on the clean logits.
+
+    Args:
+        logits: ``[B, N]`` clean router logits.
+        target: ``[B, N]`` rows summing to one (:func:`balanced_assignment`).
+        coefficient: :math:`c`.
+
+    Raises:
+        ValueError: for mismatched shapes or a negative coefficient.
+
+    Example::
+
+        >>> logits = torch.zeros(2, 2)
+        >>> round(assignment_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item(), 4)  # log 2
+        0.6931
+    """
+    _check_logits(logits)
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"Expected `target` to have the shape of `logits` {tuple(logits.shape)}, got {tuple(target.shape)}."
+        )
+    _check_coefficient(coefficient)
+    return -coefficient * (target * logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
 def _check_coefficient(coefficient: float) -> None:

@@ -32,7 +32,13 @@ from lightning_hybridcomp.moe.checkpoint import (
     checkpoint_entry,
     read_moe_entry,
 )
-from lightning_hybridcomp.moe.dispatch import DispatchResult, capacity_keep, dense_dispatch, sparse_dispatch
+from lightning_hybridcomp.moe.dispatch import (
+    BucketedExpert,
+    DispatchResult,
+    capacity_keep,
+    dense_dispatch,
+    sparse_dispatch,
+)
 from lightning_hybridcomp.moe.experts import (
     EXPERT_FORMATS,
     Expert,
@@ -46,6 +52,8 @@ from lightning_hybridcomp.moe.gate import (
     GATE_CHOICES,
     ExpertFeatureGate,
     TopKGating,
+    assignment_loss,
+    balanced_assignment,
     build_gate,
     check_gate_options,
     dense_gates,
@@ -90,8 +98,10 @@ class MoELightningModule(pl.LightningModule):
     (``moe/loss/task``, ``moe/loss/balance``, ``moe/loss/importance``, ``moe/loss/z``).
 
     ``forward(x)`` returns the **log** of the mixed probabilities ``[B, num_classes]``: ``argmax`` is the
-    prediction and ``exp`` the mixture. With ``top_k == 1`` the weight is the router's raw probability
-    (Switch), so the mixture sums to that probability rather than one.
+    prediction and ``exp`` the mixture. Outside training the mixture is normalised at every k
+    (:func:`~lightning_hybridcomp.moe.dispatch.mix_expert_probabilities`: the kept gate weights are divided
+    by their sum, so at ``k = 1`` it is the chosen expert's own distribution); in training, top-1 keeps the
+    router's raw probability as the weight (Switch), so the training mixture sums to that probability.
 
     Every expert becomes an exported program the MoE owns (:func:`~lightning_hybridcomp.moe.experts.build_expert`),
     run with eval semantics (BatchNorm on running statistics, no dropout) also while the gate trains.
@@ -173,6 +183,7 @@ class MoELightningModule(pl.LightningModule):
         balance_coefficient: float = 1e-2,
         importance_coefficient: float = 0.0,
         z_loss_coefficient: float = 1e-3,
+        assignment_coefficient: float = 1.0,
         noisy_gating: bool = True,
         capacity_factor: float | None = None,
         capacity_in_eval: bool = False,
@@ -197,6 +208,7 @@ class MoELightningModule(pl.LightningModule):
             ("balance_coefficient", balance_coefficient),
             ("importance_coefficient", importance_coefficient),
             ("z_loss_coefficient", z_loss_coefficient),
+            ("assignment_coefficient", assignment_coefficient),
             ("weight_decay", weight_decay),
         ):
             _check_non_negative(value, name)
@@ -232,6 +244,7 @@ class MoELightningModule(pl.LightningModule):
         self.balance_coefficient = float(balance_coefficient)
         self.importance_coefficient = float(importance_coefficient)
         self.z_loss_coefficient = float(z_loss_coefficient)
+        self.assignment_coefficient = float(assignment_coefficient)
         self.learning_rate = float(learning_rate)
         self.weight_decay = float(weight_decay)
         self.routing_stats: dict[str, float] = {}
@@ -353,13 +366,16 @@ class MoELightningModule(pl.LightningModule):
 
         Compiled experts are used outside training only and always run under ``torch.no_grad()``; training
         steps and :meth:`dense_reference` keep using the exported graphs, and the ``state_dict`` does not
-        change. This is what makes int8 experts fast on CPU. Each expert compiles on its first call and
-        once more when the sub-batch size first changes.
+        change. This is what makes int8 experts fast on CPU. Sub-batches are padded to the next power of
+        two (:class:`~lightning_hybridcomp.moe.dispatch.BucketedExpert`), so each expert compiles once per
+        bucket (at most ``log2(B) + 1`` times for batches of ``B``) instead of once per sub-batch size.
 
         Returns:
             The MoE itself.
         """
-        self._records = [replace(r, compiled=compile_artifact(r.module)) for r in self._records]
+        self._records = [
+            replace(r, compiled=BucketedExpert(compile_artifact(r.module))) for r in self._records
+        ]
         return self
 
     @property
@@ -421,14 +437,16 @@ class MoELightningModule(pl.LightningModule):
             gating: the routing decision of :meth:`route`.
         """
         runners = [r.module if self.training or r.compiled is None else r.compiled for r in self._records]
-        return sparse_dispatch(x, gating, runners, self.num_classes, self._capacity_keep(gating))
+        return sparse_dispatch(
+            x, gating, runners, self.num_classes, self._capacity_keep(gating), normalise=not self.training
+        )
 
     def dense_reference(self, x: Tensor, gating: TopKGating, keep: Tensor | None = None) -> Tensor:
         """Reference for :meth:`dispatch`: run every expert on every sample and mask with the dense gates.
 
         Costs all experts on all samples; for tests and benchmarks.
         """
-        return dense_dispatch(x, gating, list(self.experts), keep)
+        return dense_dispatch(x, gating, list(self.experts), keep, normalise=not self.training)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -451,13 +469,17 @@ class MoELightningModule(pl.LightningModule):
         balance = load_balancing_loss(gating.probs, mask, self.balance_coefficient)
         importance = importance_loss(dense_gates(gating), self.importance_coefficient)
         z_loss = router_z_loss(clean_logits, self.z_loss_coefficient)
-        loss = task + balance + importance + z_loss
+        assignment = assignment_loss(
+            clean_logits, balanced_assignment(clean_logits), self.assignment_coefficient
+        )
+        loss = task + balance + importance + z_loss + assignment
         batch_size = x.shape[0]
         for key, value in (
             ("moe/loss/task", task),
             ("moe/loss/balance", balance),
             ("moe/loss/importance", importance),
             ("moe/loss/z", z_loss),
+            ("moe/loss/assignment", assignment),
             ("train/loss", loss),
         ):
             self.log(key, value.detach(), on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)

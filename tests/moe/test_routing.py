@@ -1,0 +1,168 @@
+"""Routing that does not collapse: specialists found per class, identical experts balanced, a normalised mixture."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hybridcomp.moe.gate import assignment_loss, balanced_assignment, top_k_gate
+from lightning_hybridcomp.moe.module import MoELightningModule
+from tests._helpers import fast_trainer
+
+IMAGE = [1, 6, 6]
+NUM_CLASSES = 6
+NUM_EXPERTS = 3
+LEVELS = torch.linspace(-1.5, 1.5, NUM_CLASSES)
+
+
+def _images(labels: Tensor, generator: torch.Generator) -> Tensor:
+    """Class ``c`` is an image of brightness ``LEVELS[c]`` with a little pixel noise."""
+    noise = 0.05 * torch.randn(len(labels), *IMAGE, generator=generator)
+    return LEVELS[labels].view(-1, 1, 1, 1) + noise
+
+
+class Specialist(nn.Module):
+    """Right on its own classes only: reads the class from the brightness, then answers a wrong class
+    for every class it does not own (the next class it does not own, cyclically); all right with ``None``."""
+
+    def __init__(self, owned: list[int] | None) -> None:
+        super().__init__()
+        answer = torch.arange(NUM_CLASSES)
+        if owned is not None:
+            others = [c for c in range(NUM_CLASSES) if c not in owned]
+            for i, c in enumerate(others):
+                answer[c] = others[(i + 1) % len(others)]
+        # logits[:, answer[c]] carries the evidence for class c.
+        self.register_buffer("permutation", torch.argsort(answer))
+        self.register_buffer("levels", LEVELS.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        brightness = x.mean(dim=(1, 2, 3)).unsqueeze(1)
+        evidence = -40.0 * (brightness - self.levels).square()
+        return evidence[:, self.permutation]
+
+
+def _loaders(seed: int = 0) -> tuple[DataLoader, DataLoader, tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(NUM_CLASSES).repeat(64)[torch.randperm(64 * NUM_CLASSES, generator=generator)]
+    x = _images(y, generator)
+    test_y = torch.arange(NUM_CLASSES).repeat(40)
+    test = (_images(test_y, generator), test_y)
+    train = DataLoader(TensorDataset(x, y), batch_size=48, shuffle=True)
+    val = DataLoader(TensorDataset(*test), batch_size=120)
+    return train, val, test
+
+
+def _owners() -> list[list[int]]:
+    return [[2 * j, 2 * j + 1] for j in range(NUM_EXPERTS)]
+
+
+def _fit(experts: list[nn.Module], epochs: int, **kwargs) -> MoELightningModule:
+    pl.seed_everything(0)
+    train, val, _ = _loaders()
+    moe = MoELightningModule(experts, top_k=2, input_shape=IMAGE, learning_rate=1e-2, **kwargs)
+    fast_trainer(max_epochs=epochs, limit_val_batches=1).fit(moe, train, val)
+    return moe.eval()
+
+
+@pytest.fixture(scope="module")
+def specialists() -> MoELightningModule:
+    return _fit([Specialist(owned) for owned in _owners()], epochs=8)
+
+
+def test_specialist_experts_example_is_what_it_claims() -> None:
+    _, _, (x, y) = _loaders()
+    for owned, expert in zip(_owners(), [Specialist(o) for o in _owners()]):
+        right = expert(x).argmax(-1) == y
+        mine = torch.isin(y, torch.tensor(owned))
+        assert right[mine].all() and not right[~mine].any()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gate_finds_the_specialist_of_every_class(specialists, k) -> None:
+    moe = specialists
+    moe.eval_top_k = k
+    _, _, (x, y) = _loaders()
+    with torch.no_grad():
+        gating, _ = moe.route(x)
+        log_probs = moe(x)
+    first_choice = gating.indices[:, 0]
+    for expert, owned in enumerate(_owners()):
+        for c in owned:
+            share = (first_choice[y == c] == expert).float().mean().item()
+            assert share >= 0.95, (c, expert, share)
+    assert (log_probs.argmax(-1) == y).float().mean() >= 0.95
+    stats = moe.routing_statistics(x)
+    assert stats["dead_expert_share"] == 0.0
+    top1_share = torch.bincount(first_choice, minlength=NUM_EXPERTS).float() / len(y)
+    assert top1_share.max() <= 2 / NUM_EXPERTS
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mixture_is_a_distribution_at_every_k(specialists, k) -> None:
+    moe = specialists
+    moe.eval_top_k = k
+    _, _, (x, _) = _loaders()
+    with torch.no_grad():
+        total = moe(x).exp().sum(dim=-1)
+        # A reference mixture of the chosen experts with weights divided by their sum.
+        gating, _ = moe.route(x)
+        probs = torch.stack([e(x).softmax(-1) for e in moe.experts], dim=1)
+        chosen = probs.gather(1, gating.indices[..., None].expand(-1, -1, NUM_CLASSES))
+        weights = gating.weights / gating.weights.sum(-1, keepdim=True)
+        reference = (weights[..., None] * chosen).sum(1)
+    torch.testing.assert_close(total, torch.ones_like(total))
+    torch.testing.assert_close(moe(x).exp(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_training_top1_keeps_the_raw_router_weight() -> None:
+    moe = MoELightningModule([Specialist(o) for o in _owners()], top_k=1, input_shape=IMAGE)
+    with torch.no_grad():
+        for p in moe.gate.parameters():
+            p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    _, _, (x, _) = _loaders()
+    moe.train()
+    gating = top_k_gate(moe.gate(x)[0], 1)
+    mixed = moe.dispatch(x, gating).probs
+    torch.testing.assert_close(mixed.sum(-1), gating.weights[:, 0])
+    assert (gating.weights < 0.999).any()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_identical_experts_still_share_the_load_with_default_settings(k) -> None:
+    # Nothing in the task loss prefers one expert: only the balancing losses decide. Routing must not
+    # collapse onto the expert with the largest constant bias (what the Switch loss alone gave).
+    moe = _fit([Specialist(None) for _ in range(NUM_EXPERTS)], epochs=6, eval_top_k=k)
+    _, _, (x, _) = _loaders()
+    with torch.no_grad():
+        gating, _ = moe.route(x)
+    first = torch.bincount(gating.indices[:, 0], minlength=NUM_EXPERTS).float() / len(x)
+    assert first.min() > 0 and first.max() <= 2 / NUM_EXPERTS, first.tolist()
+
+
+def test_balanced_assignment_balances_columns_and_follows_the_ranking() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(60, 3) + torch.tensor([3.0, 0.0, -3.0])  # a constant preference for expert 0
+    target = balanced_assignment(logits, temperature=0.2, iterations=50)
+    torch.testing.assert_close(target.sum(1), torch.ones(60))
+    torch.testing.assert_close(target.sum(0), torch.full((3,), 20.0), atol=1e-3, rtol=1e-3)
+    # The samples ranked highest for an expert (relative to the batch) are the ones it is given.
+    centred = (logits - logits.mean(0)) / logits.std(0, unbiased=False)
+    for expert in range(3):
+        top = centred[:, expert].topk(10).indices
+        assert (target[top].argmax(-1) == expert).float().mean() >= 0.8
+    assert torch.equal(balanced_assignment(logits[:1]), torch.full((1, 3), 1 / 3))
+    with pytest.raises(ValueError, match="Expected `temperature` to be a positive float"):
+        balanced_assignment(logits, temperature=0.0)
+
+
+def test_assignment_loss_against_a_reference() -> None:
+    logits = torch.randn(5, 4, requires_grad=True)
+    target = torch.softmax(torch.randn(5, 4), -1)
+    expected = -0.3 * (target * torch.log(torch.softmax(logits, -1))).sum(-1).mean()
+    torch.testing.assert_close(assignment_loss(logits, target, 0.3), expected)
+    with pytest.raises(ValueError, match="Expected `target` to have the shape of `logits`"):
+        assignment_loss(logits, target[:2])
