@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from lightning_hybridcomp.moe.gate import TopKGating, dense_gates
+from lightning_hybridcomp.moe.metrics import LOG_EPS
 
-__all__ = ["DispatchResult", "capacity_keep", "dense_dispatch", "sparse_dispatch"]
+__all__ = ["DispatchResult", "capacity_keep", "dense_dispatch", "log_mixture", "sparse_dispatch"]
 
 ExpertFn = Callable[[Tensor], Tensor]
 
@@ -88,6 +89,15 @@ def sparse_dispatch(
     if keep is None:
         keep = torch.ones_like(gating.indices, dtype=torch.bool)
     return DispatchResult(probs=probs, keep=keep, counts=counts)
+
+
+def log_mixture(probs: Tensor) -> Tensor:
+    """The MoE's output: the log of the mixed probabilities (clamped away from zero).
+
+    ``MoELightningModule.forward`` and the ExecuTorch runner (:class:`~lightning_hybridcomp.moe.edge.EdgeMoE`)
+    both end here, so they predict alike.
+    """
+    return probs.clamp_min(LOG_EPS).log()
 
 
 def dense_dispatch(
