@@ -161,36 +161,59 @@ def edge_example(example: Tensor, max_batch: int) -> Tensor:
     return example[:1].expand(max(2, max_batch), *example.shape[1:]).contiguous()
 
 
-def delegable_reshapes_(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Write ``flatten``/``view``/``reshape`` on the symbolic batch as ``view(x, [-1, ...])``, in place.
+def delegable_graph_(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Rewrite operators XNNPACK refuses only for their spelling into equivalent ones it takes, in place.
 
-    XNNPACK refuses a reshape whose target shape holds a symbol (``[s0, 256]``) and leaves it, with a
-    split of the delegate around it, in the slow portable kernels; with ``-1`` in its place the same
-    reshape is delegated.
+    * ``flatten``/``view``/``reshape`` to ``[s0, 256]`` on the symbolic batch becomes ``view(x, [-1, 256])``:
+      XNNPACK refuses a target shape holding a symbol and would leave the reshape, with a split of the
+      delegate around it, in the portable kernels.
+    * ``max_pool2d(..., ceil_mode=True)`` whose output is the same in floor mode (e.g. even sizes, 2x2
+      windows) becomes floor mode: XNNPACK refuses ceil mode when any dimension is dynamic.
     """
     graph = program.graph_module.graph
     aten = torch.ops.aten
     for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
         value = node.meta.get("val")
-        if not isinstance(value, Tensor) or value.dim() < 1:
+        if node.op != "call_function" or not isinstance(value, Tensor) or value.dim() < 1:
             continue
         concrete = [isinstance(s, int) for s in value.shape]
-        if (
-            node.target in (aten.flatten.using_ints, aten.view.default, aten.reshape.default)
-            and concrete[1:]
-            and all(concrete[1:])
-            and not concrete[0]
-        ):
+        if node.target in _RESHAPES and concrete[1:] and all(concrete[1:]) and not concrete[0]:
             with graph.inserting_before(node):
                 view = graph.call_function(aten.view.default, (node.args[0], [-1, *value.shape[1:]]))
             view.meta = dict(node.meta)
             node.replace_all_uses_with(view)
             graph.erase_node(node)
+        elif node.target == aten.max_pool2d.default and len(node.args) >= 6 and node.args[5]:
+            if _floor_mode_pool_shape(node) == tuple(value.shape[-2:]):
+                node.args = (*node.args[:5], False)
     graph.eliminate_dead_code()
     program.graph_module.recompile()
     return program
+
+
+_RESHAPES = (torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+
+
+def _floor_mode_pool_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """Output height and width of a ``max_pool2d`` node in floor mode, or ``None`` if its input is not static."""
+    source = node.args[0]
+    value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    if not isinstance(value, Tensor) or not all(isinstance(s, int) for s in value.shape[-2:]):
+        return None
+
+    def pair(arg: Any, default: Any) -> tuple[int, int]:
+        arg = default if arg is None or arg == [] else arg
+        items = list(arg) if isinstance(arg, (list, tuple)) else [arg]
+        return (int(items[0]), int(items[-1]))
+
+    kernel = pair(node.args[1], 1)
+    stride = pair(node.args[2], kernel)
+    padding = pair(node.args[3], 0)
+    dilation = pair(node.args[4], 1)
+    return tuple(
+        (int(value.shape[-2 + i]) + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    )
 
 
 def _undelegated(program: torch.export.ExportedProgram) -> dict[str, int]:
@@ -236,7 +259,7 @@ def lower_to_xnnpack(
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    prepared = {name: delegable_reshapes_(program) for name, program in programs.items()}
+    prepared = {name: delegable_graph_(program) for name, program in programs.items()}
     try:
         edge = to_edge_transform_and_lower(dict(prepared), partitioner=[XnnpackPartitioner()])
     except Exception as err:  # ExecuTorch raises many types; the user needs the network and the reason
