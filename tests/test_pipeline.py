@@ -98,7 +98,7 @@ def test_results_match_the_files(finished_run) -> None:
 def test_edge_column_comes_from_real_programs(finished_run) -> None:
     from lightning_hybridcomp.edge import EdgeMoE, load_executorch
 
-    _, run_dir, result = finished_run
+    _, run_dir, _ = finished_run
     models = {m["name"]: m for m in json.loads((run_dir / "results.json").read_text())["models"]}
     x = torch.zeros(1, 1, 8, 8)
     for name, model in models.items():
