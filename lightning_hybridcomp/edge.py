@@ -61,6 +61,7 @@ __all__ = [
     "export_executorch",
     "load_executorch",
     "set_edge_threads",
+    "xnnpack_ptq",
 ]
 
 Source = nn.Module | str | os.PathLike[str]
@@ -145,7 +146,7 @@ def export_executorch(
     history = list(steps) if steps is not None else list(recorded.get("steps", _trainer_steps(source)))
     network: nn.Module = source
     if calibration is not None:
-        network = _post_training_quantized(source, example_inputs, calibration, name)
+        network = xnnpack_ptq(source, example_inputs, calibration, name)
         history.append("ptq:xnnpack")
     example = edge_example(example_inputs.detach().cpu(), max_batch)
     program = export_for_artifact(
@@ -252,8 +253,16 @@ def _trainer_steps(model: nn.Module) -> list[str]:
     return steps
 
 
-def _post_training_quantized(model: nn.Module, example: Tensor, calibration: Tensor, name: str) -> nn.Module:
-    """``model`` quantized to int8 with ExecuTorch's XNNPACKQuantizer, observers calibrated on ``calibration``."""
+def xnnpack_ptq(model: nn.Module, example: Tensor, calibration: Tensor, name: str | None = None) -> nn.Module:
+    """``model`` quantized to int8 with ExecuTorch's XNNPACKQuantizer, observers calibrated on ``calibration``.
+
+    Post-training quantization (no training): the int8 PT2E graph an ``export_executorch(...,
+    calibration=...)`` lowers. ``example`` is one batch of inputs, ``calibration`` a few batches of samples.
+
+    Raises:
+        ValueError: if ``calibration`` has another sample shape, or ``model`` is already quantized.
+    """
+    name = name or type(model).__name__
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if not isinstance(calibration, Tensor) or calibration.shape[1:] != example.shape[1:]:

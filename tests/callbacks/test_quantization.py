@@ -602,7 +602,13 @@ def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"backend": "int4"}, ValueError, r"Expected `backend` to be one of \('x86_pt2e', 'linear_int8'\)"),
+        (
+            {"backend": "int4"},
+            ValueError,
+            r"Expected `backend` to be one of \('x86_pt2e', 'linear_int8', 'xnnpack'\)",
+        ),
+        ({"backend": "XNNPACK", "start_epoch": 2, "freeze_observers_epoch": 1}, ValueError, "to be after"),
+        ({"backend": "xnnpack", "example_input_shape": [0]}, ValueError, "list of positive integers"),
         ({"backend": "fbgemm"}, ValueError, "deprecated; 'x86_pt2e' is their PT2E successor"),
         ({"backend": 3}, TypeError, "Expected `backend` to be a string"),
         ({"module": ""}, TypeError, "Expected `module` to be None or the fully qualified name"),
