@@ -32,7 +32,7 @@ from lightning_hybridcomp.edge_programs import sidecar_path
 from lightning_hybridcomp.models import build_backbone
 from lightning_hybridcomp.moe import MoELightningModule
 from lightning_hybridcomp.profiling import count_macs
-from tests._helpers import ClassifierSteps, fast_trainer
+from tests._helpers import ClassifierSteps, fast_trainer, ready_digits
 from tests._reference import reference_macs
 
 IMAGE = 8
@@ -58,10 +58,7 @@ class EdgeCNN(ClassifierSteps):
 
 @pytest.fixture(scope="module")
 def digits() -> DigitsDataModule:
-    dm = DigitsDataModule(batch_size=64, image_size=IMAGE, seed=0)
-    dm.setup("fit")
-    dm.setup("test")
-    return dm
+    return ready_digits(IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import build_backbone
 from lightning_hybridcomp.profiling import count_macs, serialized_size
-from tests._helpers import ClassifierSteps, fast_trainer, relative_distance, run_ddp_script
+from tests._helpers import ClassifierSteps, fast_trainer, ready_digits, relative_distance, run_ddp_script
 
 IMAGE = 8
 # QAT int8 accuracy may trail fp32 on the 270-image test split by at most this much (8 images).
@@ -162,10 +162,7 @@ def _int8_tensors(module: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def digits() -> DigitsDataModule:
-    dm = DigitsDataModule(batch_size=64, image_size=IMAGE, seed=0)
-    dm.setup("fit")
-    dm.setup("test")
-    return dm
+    return ready_digits(IMAGE)
 
 
 @pytest.fixture(scope="module")
