@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,7 +108,7 @@ def export_executorch(
 
     Raises:
         ValueError: for a path not ending in ``.pte``, a missing or unreadable source file, ``max_batch``
-            below 1, ``calibration`` for an int8 model or of another sample shape, a network that cannot be
+            below 1, ``calibration`` for an int8 model, a MoE or of another sample shape, a network that cannot be
             exported; :class:`UndelegatedOperatorsError` (a ``ValueError``) for operators XNNPACK cannot lower.
         TypeError: for a source of another type, or no example inputs.
         ImportError: without ExecuTorch installed (the message names the extra).
@@ -129,6 +130,12 @@ def export_executorch(
     if isinstance(source, (str, os.PathLike)):
         source = _read_source(Path(source))
     if isinstance(source, MoELightningModule):
+        if calibration is not None:
+            raise ValueError(
+                "Expected `calibration` to be None for a MoELightningModule: its experts keep the precision they"
+                " were built with. Quantize each expert (QAT with backend='xnnpack', or `xnnpack_ptq`) before"
+                " building the MoE."
+            )
         return export_moe_program(source, path, max_batch=max_batch, allow_undelegated=allow_undelegated)
     if not isinstance(source, nn.Module):
         raise TypeError(
@@ -149,9 +156,8 @@ def export_executorch(
         network = xnnpack_ptq(source, example_inputs, calibration, name)
         history.append("ptq:xnnpack")
     example = edge_example(example_inputs.detach().cpu(), max_batch)
-    program = export_for_artifact(
-        network.cpu() if calibration is None else network, example, max_batch=max_batch
-    )
+    # On a CPU copy: the caller's model stays where it is.
+    program = export_for_artifact(_cpu_copy(network), example, max_batch=max_batch)
     check_deterministic(program, f"The program of {name}")
     params, dtype = program_params_and_dtype(program)
     macs = count_macs(program, example[:1])
@@ -241,6 +247,13 @@ def _read_source(path: Path) -> nn.Module:
     )
 
 
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model).cpu()
+    except Exception as err:  # a module holding unpicklable state
+        raise TypeError(f"Could not copy {type(model).__name__} for export: {err}") from err
+
+
 def _trainer_steps(model: nn.Module) -> list[str]:
     """Compression steps of the pruning and QAT callbacks of the Trainer ``model`` was fitted with."""
     trainer = model._trainer if isinstance(model, pl.LightningModule) else None
@@ -279,8 +292,8 @@ def xnnpack_ptq(model: nn.Module, example: Tensor, calibration: Tensor, name: st
         )
     quantizer = xnnpack_quantizer(is_qat=False, feature="export_executorch(..., calibration=...)")
     with torch.no_grad():
-        copy = export_for_artifact(model, example.cpu()).module()
-    prepared = prepare_pt2e(copy, quantizer)  # type: ignore[arg-type]
+        graph = export_for_artifact(_cpu_copy(model), example.cpu()).module()
+    prepared = prepare_pt2e(graph, quantizer)  # type: ignore[arg-type]
     with torch.no_grad():
         for chunk in calibration.cpu().split(256):
             prepared(chunk)

@@ -27,6 +27,7 @@ from lightning_hybridcomp.edge import (
     UndelegatedOperatorsError,
     export_executorch,
     load_executorch,
+    xnnpack_ptq,
 )
 from lightning_hybridcomp.edge_programs import sidecar_path
 from lightning_hybridcomp.models import build_backbone
@@ -195,6 +196,27 @@ def test_moe_program_predicts_what_the_module_predicts(
         torch.testing.assert_close(out.exp(), expected.exp(), atol=0.02, rtol=0)
     with pytest.raises(ValueError, match=r"Expected `top_k` to be an integer in \[1, 2\], got 3"):
         runner.top_k = 3
+    with pytest.raises(ValueError, match="Expected `calibration` to be None for a MoELightningModule"):
+        export_executorch(moe, tmp_path / "again.pte", calibration=images)
+
+
+def test_post_training_int8_program_matches_its_pt2e_model(fp32: SimpleNamespace, tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.randn(64, 1, IMAGE, IMAGE, generator=generator)
+    meta = export_executorch(
+        fp32.net, tmp_path / "ptq.pte", example_inputs=calibration[:1], calibration=calibration
+    )
+    assert meta.dtype == "int8" and meta.steps == ("ptq:xnnpack",) and meta.quantizer == "XNNPACKQuantizer"
+    reference_model = xnnpack_ptq(
+        fp32.net, calibration[:1], calibration
+    )  # the same quantizer and calibration
+    x = torch.randn(MAX_BATCH * 8, 1, IMAGE, IMAGE, generator=generator)
+    with torch.no_grad():
+        reference = reference_model(x)
+    program = load_executorch(tmp_path / "ptq.pte")
+    out = torch.cat([program(chunk) for chunk in x.split(program.max_batch)])
+    torch.testing.assert_close(out, reference, atol=INT8_ATOL, rtol=0)
+    assert float((out.argmax(1) == reference.argmax(1)).float().mean()) >= 0.9  # random inputs: close calls
 
 
 # --------------------------------------------------------------------------- bad input
