@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from lightning_hybridcomp.moe.experts import load_classifier_checkpoint
 from lightning_hybridcomp.moe.module import MoELightningModule, load_moe
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import (
+    cpu_copy,
     export_for_artifact,
     make_exported_train_eval_,
     program_params_and_dtype,
@@ -157,7 +157,7 @@ def export_executorch(
         history.append("ptq:xnnpack")
     example = edge_example(example_inputs.detach().cpu(), max_batch)
     # On a CPU copy: the caller's model stays where it is.
-    program = export_for_artifact(_cpu_copy(network), example, max_batch=max_batch)
+    program = export_for_artifact(cpu_copy(network), example, max_batch=len(example))
     check_deterministic(program, f"The program of {name}")
     params, dtype = program_params_and_dtype(program)
     macs = count_macs(program, example[:1])
@@ -247,13 +247,6 @@ def _read_source(path: Path) -> nn.Module:
     )
 
 
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    try:
-        return copy.deepcopy(model).cpu()
-    except Exception as err:  # a module holding unpicklable state
-        raise TypeError(f"Could not copy {type(model).__name__} for export: {err}") from err
-
-
 def _trainer_steps(model: nn.Module) -> list[str]:
     """Compression steps of the pruning and QAT callbacks of the Trainer ``model`` was fitted with."""
     trainer = model._trainer if isinstance(model, pl.LightningModule) else None
@@ -292,7 +285,7 @@ def xnnpack_ptq(model: nn.Module, example: Tensor, calibration: Tensor, name: st
         )
     quantizer = xnnpack_quantizer(is_qat=False, feature="export_executorch(..., calibration=...)")
     with torch.no_grad():
-        graph = export_for_artifact(_cpu_copy(model), example.cpu()).module()
+        graph = export_for_artifact(cpu_copy(model), example.cpu()).module()
     prepared = prepare_pt2e(graph, quantizer)  # type: ignore[arg-type]
     with torch.no_grad():
         for chunk in calibration.cpu().split(256):

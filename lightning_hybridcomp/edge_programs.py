@@ -150,15 +150,22 @@ def check_max_batch(max_batch: Any) -> int:
     return int(max_batch)
 
 
+#: Lowering re-traces the graph and buckets a symbolic batch: an example of fewer than 16 samples comes back
+#: bounded at 15 whatever the ``Dim``'s maximum, one of exactly 16 with a bound of 16 comes back static.
+_MIN_PLANNED_BATCH = 17
+
+
 def edge_example(example: Tensor, max_batch: int) -> Tensor:
-    """The example a program is exported with for ExecuTorch, from one batch of inputs.
+    """The example a program is exported with for ExecuTorch (its batch is also the ``Dim``'s maximum).
 
     ExecuTorch plans memory for the upper bound of the batch dimension that survives lowering, and lowering
     re-traces the graph: from an example of fewer than 16 samples the bound comes back as 15 whatever the
-    ``Dim``'s maximum, from an example of ``max_batch`` samples it stays ``max_batch``. The example therefore
-    repeats the first sample ``max_batch`` times (at least two, so the batch stays symbolic).
+    ``Dim``'s maximum, and an example of 16 with a maximum of 16 becomes a static batch. From an example of
+    ``max(max_batch, 17)`` samples and that maximum the bound survives; the input check then caps calls at
+    ``max_batch``.
     """
-    return example[:1].expand(max(2, max_batch), *example.shape[1:]).contiguous()
+    planned = max(max_batch, _MIN_PLANNED_BATCH)
+    return example[:1].expand(planned, *example.shape[1:]).contiguous()
 
 
 def delegable_graph_(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

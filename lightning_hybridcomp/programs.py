@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 __all__ = [
     "ExportError",
     "check_program_bytes",
+    "cpu_copy",
     "export_for_artifact",
     "export_with_dynamic_batch",
     "import_quantized_ops",
@@ -287,6 +288,11 @@ def _copy_model(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     except Exception as err:  # a module holding unpicklable state
         raise TypeError(f"Could not copy {type(model).__name__} for export: {err}") from err
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` on the CPU (for ExecuTorch lowering); ``model`` itself stays where it is."""
+    return _copy_model(model).cpu()
 
 
 def _unwrap_tensor_subclasses_(model: nn.Module) -> None:

@@ -322,7 +322,12 @@ def test_invalid_export_arguments(tmp_path: Path, kwargs: dict[str, Any], error:
 
 def test_calibration_of_an_int8_model_is_refused(int8: SimpleNamespace, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only for an fp32 model"):
-        export_executorch(int8.model, tmp_path / "x.pte", calibration=torch.randn(8, 1, IMAGE, IMAGE))
+        export_executorch(
+            int8.model,
+            tmp_path / "x.pte",
+            example_inputs=torch.randn(1, 1, IMAGE, IMAGE),
+            calibration=torch.randn(8, 1, IMAGE, IMAGE),
+        )
 
 
 def test_missing_executorch_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

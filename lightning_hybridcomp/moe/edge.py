@@ -27,7 +27,7 @@ from lightning_hybridcomp.edge_programs import (
 )
 from lightning_hybridcomp.moe.dispatch import capacity_keep, log_mixture, sparse_dispatch
 from lightning_hybridcomp.moe.gate import TopKGating, top_k_gate
-from lightning_hybridcomp.programs import export_for_artifact, program_params_and_dtype
+from lightning_hybridcomp.programs import cpu_copy, export_for_artifact, program_params_and_dtype
 
 if TYPE_CHECKING:
     from lightning_hybridcomp.moe.module import MoELightningModule
@@ -60,9 +60,13 @@ def export_moe_program(
     was_training = moe.training
     moe.eval()
     try:
-        programs = {"gate": export_for_artifact(_RouterLogits(moe.gate).cpu(), example, max_batch=max_batch)}
+        programs = {
+            "gate": export_for_artifact(cpu_copy(_RouterLogits(moe.gate)), example, max_batch=len(example))
+        }
         for i, record in enumerate(moe.expert_records):
-            programs[f"expert_{i}"] = export_for_artifact(record.module.cpu(), example, max_batch=max_batch)
+            programs[f"expert_{i}"] = export_for_artifact(
+                cpu_copy(record.module), example, max_batch=len(example)
+            )
     finally:
         moe.train(was_training)
     figures = [program_params_and_dtype(p) for p in programs.values()]
