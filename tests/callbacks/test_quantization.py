@@ -582,8 +582,14 @@ def test_pruned_qat_checkpoint_reloads_in_any_callback_order(
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path) -> None:
-    proc = run_ddp_script(Path(__file__).with_name("_ddp_qat.py"), tmp_path, timeout=600)
+@pytest.mark.parametrize("backend", ["x86_pt2e", "xnnpack"])
+def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path, backend: str) -> None:
+    proc = run_ddp_script(
+        Path(__file__).with_name("_ddp_qat.py"),
+        tmp_path,
+        timeout=600,
+        env={"HYBRIDCOMP_QAT_BACKEND": backend},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
