@@ -96,29 +96,29 @@ def test_results_match_the_files(finished_run) -> None:
 
 
 def test_edge_column_comes_from_real_programs(finished_run) -> None:
-    from lightning_hybridcomp.edge import EdgeMoE, load_executorch
+    from lightning_hybridcomp.edge import load_executorch
 
     _, run_dir, _ = finished_run
     models = {m["name"]: m for m in json.loads((run_dir / "results.json").read_text())["models"]}
     x = torch.zeros(1, 1, 8, 8)
-    for name, model in models.items():
+    for name in ("baseline", "third"):  # fp32 programs, lowered whole
         path = run_dir / "evaluation" / "edge" / f"{name}.pte"
         program = load_executorch(path)  # checks the file against its side-car's hash
+        model = models[name]
         assert model["pte_bytes"] == path.stat().st_size == program.metadata.size_bytes
         assert model["edge_latency_b1_ms"] > 0 and program(x).shape == (1, 10)
-        assert model["ratios"]["edge_latency_b1_ms"] == pytest.approx(
-            model["edge_latency_b1_ms"] / models["baseline"]["edge_latency_b1_ms"]
-        )
-        # The program predicts what the PyTorch model predicts, up to int8 rounding on a few images.
-        assert abs(model["extra"]["edge_accuracy"] - model["accuracy"]) < 0.05
-        assert isinstance(program, EdgeMoE) == (model["kind"] == "moe")
-    assert load_executorch(run_dir / "evaluation" / "edge" / "moe-k2.pte").top_k == 2
-    # The x86_pt2e expert's int8 linear layer has no XNNPACK kernel: said in the report, not hidden.
-    assert (
-        "edge_undelegated" in models["half"]["extra"] and "edge_undelegated" not in models["third"]["extra"]
+        # The program predicts what the PyTorch model predicts.
+        assert abs(model["extra"]["edge_accuracy"] - model["accuracy"]) < 0.02
+    assert models["third"]["ratios"]["edge_latency_b1_ms"] == pytest.approx(
+        models["third"]["edge_latency_b1_ms"] / models["baseline"]["edge_latency_b1_ms"]
     )
+    # The x86_pt2e expert (and every MoE holding it) cannot be lowered whole: said, not timed half-delegated.
+    for name in ("half", "moe-k1", "moe-k2"):
+        assert models[name]["edge_latency_b1_ms"] is None and models[name]["pte_bytes"] is None
+        assert "outside the delegate" in models[name]["extra"]["edge_skipped"]
+        assert not (run_dir / "evaluation" / "edge" / f"{name}.pte").exists()
     report = (run_dir / "report.md").read_text()
-    assert "edge ms @1" in report and "Not fully delegated" in report and "half" in report
+    assert "edge ms @1" in report and "No edge figures for half, moe-k1, moe-k2" in report
 
 
 def test_pareto_plot_is_a_valid_png(finished_run) -> None:
