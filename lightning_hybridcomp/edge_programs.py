@@ -294,7 +294,13 @@ def lower_to_xnnpack(
         warnings.warn(message + " Written anyway (`allow_undelegated=True`).", UserWarning, stacklevel=3)
     # Memory is planned for each tensor's upper bound (the default plans for the traced example's sizes).
     config = ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())
-    data = bytes(edge.to_executorch(config).buffer)
+    try:
+        data = bytes(edge.to_executorch(config).buffer)
+    except RuntimeError as err:  # e.g. "Missing out variants": no portable kernel for an undelegated operator
+        raise ValueError(
+            f"ExecuTorch cannot build {where}: {' '.join(str(err).split())[:600]}. The operators left outside the"
+            f" XNNPACK delegate ({left}) have no portable kernels in this ExecuTorch runtime."
+        ) from err
     _check_planned_batch(data, list(prepared), max_batch, where)
     return data, left
 
