@@ -39,6 +39,7 @@ from lightning_hybridcomp.edge import export_executorch, load_executorch, set_ed
 from lightning_hybridcomp.models import ImageClassifier
 from lightning_hybridcomp.moe import MoELightningModule
 from lightning_hybridcomp.profiling import count_macs, format_table, interleaved_latencies
+from lightning_hybridcomp.programs import export_for_artifact
 
 BATCHES = (1, 32)
 
@@ -101,7 +102,8 @@ def _family(
         path = folder / f"{name}-{label.split(' ', 1)[1].replace(' ', '-')}.pte"
         export_executorch(model, path, example_inputs=example, max_batch=max(BATCHES), calibration=calib)
         files[label] = path
-    pruned_int8 = xnnpack_ptq(pruned, example, calibration)
+    # As an exported program: the MoE takes int8 experts as artifacts or programs.
+    pruned_int8 = export_for_artifact(xnnpack_ptq(pruned, example, calibration), example)
     moe = MoELightningModule([pruned_int8] * 4, top_k=2, input_shape=list(example.shape[1:])).eval()
     export_executorch(moe, folder / f"{name}-moe.pte", max_batch=max(BATCHES))
     files["ExecuTorch MoE"] = folder / f"{name}-moe.pte"
