@@ -40,8 +40,8 @@ IMAGE = 8
 MAX_BATCH = 4
 # fp32 .pte logits vs eager: XNNPACK's kernels reorder the float sums.
 FP32_ATOL = 1e-4
-# int8 .pte logits vs the PT2E-converted model (same int8 scheme, XNNPACK's requantization rounding): measured
-# max |diff| ~0.005-0.03 on these digits; argmax agreement 1.0 measured, 0.99 required.
+# int8 .pte logits vs the PT2E-converted model (same int8 scheme, XNNPACK's requantization rounding): max |diff|
+# 0.0046 and argmax agreement 1.0 measured on 8 inputs of this kind of model; bounds required here.
 INT8_ATOL = 0.1
 MIN_AGREEMENT = 0.99
 
