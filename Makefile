@@ -28,7 +28,7 @@ $(STAMP)-torch: | $(BIN)/python
 	@touch $@
 
 $(STAMP)-base: pyproject.toml $(STAMP)-torch
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[edge]"
 	@touch $@
 
 $(STAMP)-dev: pyproject.toml $(STAMP)-base

@@ -33,6 +33,7 @@ from lightning_hybridcomp.moe.module import MoELightningModule
 from lightning_hybridcomp.profiling import (
     count_macs_and_params,
     format_table,
+    interleaved_latencies,
     measure_latency,
     serialized_size,
 )
@@ -50,21 +51,6 @@ def _accuracy(fn: Any, x: Tensor, y: Tensor) -> float:
 def _exported(model: nn.Module, example: Tensor) -> nn.Module:
     # Exported as the MoE exports its experts, so that the latencies compare like with like.
     return export_with_dynamic_batch(model.eval(), example).module()
-
-
-def _paired_latency(parts: dict[str, tuple[Any, Tensor]], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds of each ``fn(inputs)`` per round, all parts timed in every round after a warm-up.
-
-    Timing the MoE and its parts in the same round lets the overhead be taken per round (paired), which
-    a shared machine's load swings disturb far less than a difference of separately measured medians.
-    """
-    for fn, inputs in parts.values():
-        measure_latency(fn, inputs, warmup=5, repeats=1)
-    timings: dict[str, list[float]] = {name: [] for name in parts}
-    for _ in range(repeats):
-        for name, (fn, inputs) in parts.items():
-            timings[name].append(measure_latency(fn, inputs, warmup=0, repeats=1))
-    return timings
 
 
 def main() -> None:
@@ -185,7 +171,7 @@ def main() -> None:
         # The MoE and its parts are timed in the same loop, so load changes on the machine hit them alike.
         parts = {"moe": (moe, batch), "gate": (moe.gate, batch)}
         parts.update({f"expert{i}": (moe.experts[i], sub) for i, sub in enumerate(subsets) if len(sub)})
-        timings = _paired_latency(parts, args.repeats)
+        timings = interleaved_latencies(parts, rounds=args.repeats, warmup=5)
         experts_per_round = [
             sum(values) for values in zip(*(v for name, v in timings.items() if name.startswith("expert")))
         ]

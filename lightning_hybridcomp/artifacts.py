@@ -36,9 +36,11 @@ from lightning_hybridcomp.programs import (
 
 __all__ = [
     "ArtifactMetadata",
+    "InputCheck",
     "LoadedArtifact",
     "build_artifact",
     "compile_artifact",
+    "default_example",
     "load_artifact",
     "save_artifact",
 ]
@@ -189,7 +191,7 @@ def build_artifact(
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
     if example_inputs is None:
-        example_inputs = _default_example(model)
+        example_inputs = default_example(model)
     if not isinstance(example_inputs, Tensor) or example_inputs.dim() == 0 or example_inputs.shape[0] == 0:
         raise TypeError(
             "Expected `example_inputs` to be a tensor with a batch dimension, got"
@@ -280,7 +282,7 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
         tensor.requires_grad_(False)
     # A pre-hook rather than a wrapping module: the MoE, compile_artifact and count_macs read the graph.
     module.register_forward_pre_hook(
-        _InputCheck.of(metadata, f"The artifact {where}"), prepend=True, with_kwargs=True
+        InputCheck.of(metadata, f"The artifact {where}"), prepend=True, with_kwargs=True
     )
     return LoadedArtifact(module=module, metadata=metadata, program=program)
 
@@ -343,19 +345,24 @@ class _FrozenInference(nn.Module):
 # --- private ------------------------------------------------------------------------------------------
 
 
-class _InputCheck:
-    """Forward pre-hook of a loaded artifact: one tensor of the recorded dtype and sample shape, any batch.
+class InputCheck:
+    """What a deployed program takes: one tensor of the recorded dtype and sample shape, a batch up to a bound.
 
-    A plain class (not a closure) so that the module can still be copied and pickled like any other.
+    The forward pre-hook of a loaded artifact (any batch) and the input check of an ExecuTorch program
+    (batch 1 to ``max_batch``). A plain class (not a closure) so that the module can still be copied and
+    pickled like any other.
     """
 
-    def __init__(self, where: str, sample_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(
+        self, where: str, sample_shape: tuple[int, ...], dtype: torch.dtype, max_batch: int | None = None
+    ) -> None:
         self.where = where
         self.sample_shape = sample_shape
         self.dtype = dtype
+        self.max_batch = max_batch
 
     @classmethod
-    def of(cls, metadata: ArtifactMetadata, where: str) -> _InputCheck:
+    def of(cls, metadata: ArtifactMetadata, where: str) -> InputCheck:
         dtype = getattr(torch, str(metadata.input_dtype), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{where} is a corrupt artifact: unknown input dtype {metadata.input_dtype!r}.")
@@ -363,7 +370,8 @@ class _InputCheck:
 
     def expected(self) -> str:
         shape = ", ".join(["batch", *(str(s) for s in self.sample_shape)])
-        return f"a {_dtype_name(self.dtype)} tensor of shape ({shape})"
+        bound = "" if self.max_batch is None else f" with batch from 1 to {self.max_batch}"
+        return f"a {_dtype_name(self.dtype)} tensor of shape ({shape}){bound}"
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         inputs = (*args, *kwargs.values())
@@ -372,7 +380,8 @@ class _InputCheck:
             raise TypeError(f"{self.where} takes one input, {self.expected()}; got {got}.")
         x = inputs[0]
         shape_ok = x.dim() == len(self.sample_shape) + 1 and tuple(x.shape[1:]) == self.sample_shape
-        if x.dtype == self.dtype and shape_ok:
+        batch_ok = self.max_batch is None or (x.dim() > 0 and 1 <= x.shape[0] <= self.max_batch)
+        if x.dtype == self.dtype and shape_ok and batch_ok:
             return None
         if x.dtype != self.dtype:
             hint = f" Convert it with `x.to(torch.{_dtype_name(self.dtype)})`"
@@ -381,6 +390,13 @@ class _InputCheck:
             hint += "."
         elif x.dim() == len(self.sample_shape):
             hint = " It lacks the batch dimension: pass `x.unsqueeze(0)` for a single sample."
+        elif shape_ok and self.max_batch is not None and x.shape[0] > self.max_batch:
+            hint = (
+                f" The program's memory is planned for at most {self.max_batch} samples: run"
+                f" `x.split({self.max_batch})` batch by batch, or export again with a larger `max_batch`."
+            )
+        elif shape_ok:
+            hint = " An empty batch has nothing to run."
         else:
             hint = " Only the batch dimension is free; the others were fixed when the artifact was saved."
         raise ValueError(
@@ -400,7 +416,8 @@ def _check_suffix(path: str | os.PathLike[str]) -> Path:
     return file
 
 
-def _default_example(model: nn.Module) -> Tensor:
+def default_example(model: nn.Module) -> Tensor:
+    """The model's ``example_input_array`` when it is a tensor; else a ``TypeError`` saying what to pass."""
     example = getattr(model, "example_input_array", None)
     if isinstance(example, Tensor):
         return example

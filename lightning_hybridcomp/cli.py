@@ -1,4 +1,4 @@
-"""The ``hybridcomp`` command: a LightningCLI over any LightningModule and datamodule.
+"""The ``hybridcomp`` command: a LightningCLI over any LightningModule and datamodule, the pipeline, the export.
 
 ``hybridcomp fit|validate|test|predict`` take ``--model``/``--data`` class paths (the package's
 ``ImageClassifier`` on the embedded digits by default) and callbacks under ``trainer.callbacks``.
@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_hybridcomp._executorch import ExecuTorchMissingError
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import close_process_group, inputs_from_batch
 from lightning_hybridcomp.callbacks.pruned_checkpoints import find_pruning_state
@@ -219,6 +220,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 #: the user's code. With the standard library (``sys.stdlib_module_names``) this is the rule docs/cli.md states.
 _LIBRARIES = frozenset(
     {
+        "executorch",
         "jsonargparse",
         "lightning",
         "lightning_fabric",
@@ -336,11 +338,47 @@ def _pipeline_main(args: list[str]) -> None:
     pipeline.run()
 
 
+def _export_main(args: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="hybridcomp export",
+        description="Lower a compressed model to an ExecuTorch .pte program on XNNPACK (needs the edge extra).",
+    )
+    parser.add_argument("source", help="a '.pt2' artifact, an ImageClassifier checkpoint or a MoE checkpoint")
+    parser.add_argument("path", help="the '.pte' to write; its side-car goes to '<path>.json'")
+    parser.add_argument("--max_batch", type=int, default=32, help="largest batch the program runs")
+    parser.add_argument(
+        "--allow_undelegated",
+        action="store_true",
+        help="write the program even if some operators stay outside the XNNPACK delegate",
+    )
+    options = parser.parse_args(args)
+    from lightning_hybridcomp.edge import export_executorch
+
+    meta = export_executorch(
+        options.source, options.path, max_batch=options.max_batch, allow_undelegated=options.allow_undelegated
+    )
+    row = {
+        "program": options.path,
+        "kind": meta.kind,
+        "dtype": meta.dtype,
+        "input": f"(batch<={meta.max_batch}, {', '.join(map(str, meta.input_shape))})",
+        "classes": meta.num_classes,
+        "MACs": meta.macs,
+        "params": meta.params,
+        "bytes": meta.size_bytes,
+        "methods": ", ".join(meta.methods),
+    }
+    print(format_table([row], title="hybridcomp export"))
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``hybridcomp`` console script.
 
-    ``hybridcomp pipeline`` runs the main job; every other subcommand is LightningCLI's. A
-    ``ValueError``/``TypeError``/``PipelineError`` in which no user code took part (an argument, config,
+    ``hybridcomp pipeline`` runs the main job, ``hybridcomp export SOURCE PATH`` writes an ExecuTorch
+    program (:func:`~lightning_hybridcomp.edge.export_executorch`); every other subcommand is LightningCLI's.
+    A ``ValueError``/``TypeError``/``PipelineError`` (or a missing ExecuTorch install) in which no user code took part (an argument, config,
     checkpoint or run-directory error) is printed as the package's one-line message (see
     :func:`error_message`) and exits with status 2; any other error, including one raised in or through
     the user's own modules, propagates with its traceback.
@@ -349,6 +387,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["pipeline"]:
             _pipeline_main(argv[1:])
+        elif argv[:1] == ["export"]:
+            _export_main(argv[1:])
         else:
             HybridCompCLI(
                 model_class=None,
@@ -359,7 +399,7 @@ def main(args: list[str] | None = None) -> None:
                 trainer_defaults={"default_root_dir": "runs"},
                 save_config_kwargs={"overwrite": True},
             )
-    except (ValueError, TypeError, PipelineError) as err:
+    except (ValueError, TypeError, PipelineError, ExecuTorchMissingError) as err:
         message = error_message(err)
         if message is None:
             raise

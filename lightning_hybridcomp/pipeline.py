@@ -339,12 +339,15 @@ class Pipeline:
             # Inductor's int8 lowering repeats this warning for every compiled convolution.
             warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
             rows = self.evaluate()
+            edge_note = self._edge_figures(rows)
         machine = self._machine()
         header = (
             f"Measured on {machine['date']} on {machine['machine']} ({machine['threads']} torch threads);"
             f" configuration fingerprint `{self.config.fingerprint()}`, {len(self.config.experts)} experts,"
             f" MoE at k = {self.config.moe.top_k}, test split of {sum(len(y) for _, y in self._test_batches)} images."
+            f" {edge_note}"
         )
+        machine["edge"] = edge_note
         write_report(self.run_dir, rows, header=header, metadata=machine)
         return {"models": [r.name for r in rows]}
 
@@ -421,6 +424,29 @@ class Pipeline:
                 )
             )
         return rows
+
+    def _edge_figures(self, rows: list[ResultRow]) -> str:
+        """ExecuTorch ``.pte`` latency and bytes for every row (:mod:`~lightning_hybridcomp.pipeline_edge`)."""
+        from lightning_hybridcomp.pipeline_edge import add_edge_figures
+
+        sources = {"baseline": self.run_dir / "baseline" / "model.pt2"}
+        sources.update(
+            {e.name: self.run_dir / "experts" / e.name / "expert.pt2" for e in self.config.experts}
+        )
+        sources.update(
+            {f"moe-k{k}": self.run_dir / "moe" / f"k{k}" / "moe.ckpt" for k in self.config.moe.top_k}
+        )
+        ev = self.config.evaluation
+        return add_edge_figures(
+            rows,
+            sources,
+            self.run_dir / "evaluation" / "edge",
+            test_batches=self._test_batches,
+            threads=torch.get_num_threads(),
+            rounds=ev.repeats,
+            warmup=ev.warmup,
+            say=self._say,
+        )
 
     @staticmethod
     def _machine() -> dict[str, Any]:

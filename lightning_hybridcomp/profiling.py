@@ -23,6 +23,7 @@ __all__ = [
     "count_macs_and_params",
     "count_params",
     "format_table",
+    "interleaved_latencies",
     "measure_latency",
     "profile_model",
     "serialized_size",
@@ -177,6 +178,31 @@ def measure_latency(
                 torch.cuda.synchronize()
             timings.append((time.perf_counter() - start) * 1e3)
     return statistics.median(timings)
+
+
+def interleaved_latencies(
+    parts: dict[str, tuple[Callable[[Tensor], Any], Tensor]], *, rounds: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Milliseconds of each ``fn(inputs)`` per round: every part timed once in each round, after a warm-up.
+
+    Timing the models side by side in rounds (not model after model) spreads a shared machine's load
+    swings over all of them alike; take the median of each list, or compare them round by round.
+
+    Example::
+
+        >>> times = interleaved_latencies({"a": (torch.relu, torch.randn(8))}, rounds=3, warmup=1)
+        >>> len(times["a"])
+        3
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"Expected `rounds` >= 1 and `warmup` >= 0, got rounds={rounds}, warmup={warmup}.")
+    for fn, inputs in parts.values():
+        measure_latency(fn, inputs, warmup=warmup, repeats=1)
+    timings: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, (fn, inputs) in parts.items():
+            timings[name].append(measure_latency(fn, inputs, warmup=0, repeats=1))
+    return timings
 
 
 def profile_model(

@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 __all__ = [
     "ExportError",
     "check_program_bytes",
+    "cpu_copy",
     "export_for_artifact",
     "export_with_dynamic_batch",
     "import_quantized_ops",
@@ -73,8 +74,13 @@ _TRAINING_ARG = {
 }
 
 
-def export_for_artifact(model: nn.Module, example_inputs: Tensor) -> torch.export.ExportedProgram:
-    """Export an eval-mode copy of ``model`` with a dynamic batch dimension and unused weights dropped."""
+def export_for_artifact(
+    model: nn.Module, example_inputs: Tensor, *, max_batch: int | None = None
+) -> torch.export.ExportedProgram:
+    """Export an eval-mode copy of ``model`` with a dynamic batch dimension and unused weights dropped.
+
+    ``max_batch`` bounds the batch dimension (see :func:`export_with_dynamic_batch`).
+    """
     model = _copy_model(model)
     if isinstance(model, GraphModule):
         make_exported_train_eval_(model)
@@ -83,7 +89,7 @@ def export_for_artifact(model: nn.Module, example_inputs: Tensor) -> torch.expor
     remove_mode_sync_(model)
     _unwrap_tensor_subclasses_(model)
     with torch.no_grad():
-        return export_with_dynamic_batch(model, example_inputs)
+        return export_with_dynamic_batch(model, example_inputs, max_batch=max_batch)
 
 
 class ExportError(ValueError):
@@ -91,7 +97,7 @@ class ExportError(ValueError):
 
 
 def export_with_dynamic_batch(
-    model: nn.Module, example_inputs: Tensor, *, name: str | None = None
+    model: nn.Module, example_inputs: Tensor, *, name: str | None = None, max_batch: int | None = None
 ) -> torch.export.ExportedProgram:
     """``torch.export.export`` with dimension 0 dynamic; a one-sample example is repeated to two.
 
@@ -99,17 +105,22 @@ def export_with_dynamic_batch(
         model: the network, exported in the mode it is in.
         example_inputs: one batch of inputs.
         name: how error messages call the model; its class name by default.
+        max_batch: the largest batch the program accepts (``None``: unbounded); ``1`` exports a static
+            batch of one.
 
     Raises:
         ExportError: (a ``ValueError``) with torch.export's reason and a hint when the model cannot be
             exported.
     """
-    if example_inputs.shape[0] < 2:
-        # A batch of one would make export specialise the batch size to a constant.
-        example_inputs = example_inputs.expand(2, *example_inputs.shape[1:]).clone()
-    batch = torch.export.Dim("batch")
+    if max_batch == 1:
+        example_inputs, dynamic_shapes = example_inputs[:1], None
+    else:
+        if example_inputs.shape[0] < 2:
+            # A batch of one would make export specialise the batch size to a constant.
+            example_inputs = example_inputs.expand(2, *example_inputs.shape[1:]).clone()
+        dynamic_shapes = ({0: torch.export.Dim("batch", max=max_batch)},)
     try:
-        return torch.export.export(model, (example_inputs,), dynamic_shapes=({0: batch},))
+        return torch.export.export(model, (example_inputs,), dynamic_shapes=dynamic_shapes)
     except Exception as err:  # export raises UserError, Unsupported, GuardOnDataDependent, ...
         reason = str(err).strip().splitlines()
         raise ExportError(
@@ -277,6 +288,11 @@ def _copy_model(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     except Exception as err:  # a module holding unpicklable state
         raise TypeError(f"Could not copy {type(model).__name__} for export: {err}") from err
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` on the CPU (for ExecuTorch lowering); ``model`` itself stays where it is."""
+    return _copy_model(model).cpu()
 
 
 def _unwrap_tensor_subclasses_(model: nn.Module) -> None:

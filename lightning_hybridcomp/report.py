@@ -17,7 +17,16 @@ from lightning_hybridcomp.profiling import figure_ratios, format_table
 
 __all__ = ["ResultRow", "pareto_front", "write_report"]
 
-_FIGURES = ("accuracy", "params", "macs", "bytes", "latency_b1_ms", "latency_b64_ms")
+_FIGURES = (
+    "accuracy",
+    "params",
+    "macs",
+    "bytes",
+    "latency_b1_ms",
+    "latency_b64_ms",
+    "edge_latency_b1_ms",
+    "pte_bytes",
+)
 
 
 @dataclass
@@ -34,6 +43,8 @@ class ResultRow:
         latency_b1_ms: median CPU latency at batch size 1.
         latency_b64_ms: median CPU latency at batch size 64.
         extra: anything else worth recording (steps applied, expert loads, ...).
+        edge_latency_b1_ms: median latency at batch size 1 of the model's ExecuTorch ``.pte`` (XNNPACK).
+        pte_bytes: bytes of that ``.pte`` (for an MoE: one program holding the gate and every expert).
     """
 
     name: str
@@ -45,6 +56,8 @@ class ResultRow:
     latency_b1_ms: float | None = None
     latency_b64_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    edge_latency_b1_ms: float | None = None
+    pte_bytes: int | None = None
 
 
 def _ratios(row: ResultRow, baseline: ResultRow) -> dict[str, float | None]:
@@ -76,9 +89,12 @@ def _plot(rows: Sequence[ResultRow], path: Path) -> None:
 
     colours = {"baseline": "black", "expert": "tab:blue", "moe": "tab:red"}
     markers = {"baseline": "*", "expert": "o", "moe": "D"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
-    for ax, key, label in ((axes[0], "macs", "MACs per sample"), (axes[1], "bytes", "bytes on disk")):
-        points = [(float(getattr(r, key)), 100 * r.accuracy) for r in rows]
+    panels = [("macs", "MACs per sample"), ("bytes", "bytes on disk")]
+    if _has_edge(rows):
+        panels.append(("edge_latency_b1_ms", "ExecuTorch ms at batch 1"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), dpi=100)
+    for ax, (key, label) in zip(axes, panels):
+        points = [(float(getattr(r, key) or 0.0), 100 * r.accuracy) for r in rows]
         for i, (row, (x, y)) in enumerate(zip(rows, points)):
             ax.scatter(
                 x, y, c=colours.get(row.kind, "grey"), marker=markers.get(row.kind, "o"), s=60, zorder=3
@@ -99,12 +115,26 @@ def _plot(rows: Sequence[ResultRow], path: Path) -> None:
     plt.close(fig)
 
 
+def _has_edge(rows: Sequence[ResultRow]) -> bool:
+    return any(r.edge_latency_b1_ms is not None for r in rows)
+
+
 def report_table(rows: Sequence[ResultRow]) -> str:
-    """The report's Markdown table: every figure, and each as a ratio to the baseline row."""
+    """The report's Markdown table: every figure, and each as a ratio to the baseline row.
+
+    The ExecuTorch columns (``edge ms @1``, ``.pte bytes``) appear when any row has edge figures.
+    """
     baseline = next((r for r in rows if r.kind == "baseline"), rows[0])
     table = []
     for row in rows:
         ratios = _ratios(row, baseline)
+        edge = {}
+        if _has_edge(rows):
+            edge = {
+                "edge ms @1": row.edge_latency_b1_ms,
+                "x edge ms @1": ratios["edge_latency_b1_ms"],
+                ".pte bytes": row.pte_bytes,
+            }
         table.append(
             {
                 "model": row.name,
@@ -119,6 +149,7 @@ def report_table(rows: Sequence[ResultRow]) -> str:
                 "x ms @1": ratios["latency_b1_ms"],
                 "ms @64": row.latency_b64_ms,
                 "x ms @64": ratios["latency_b64_ms"],
+                **edge,
             }
         )
     return format_table(table)
@@ -160,7 +191,7 @@ def write_report(
             report_table(rows),
             "",
             "Ratios are to the baseline. Latency is the median CPU forward time at batch 1 and 64, measured",
-            "side by side in one run.",
+            "side by side in one run; *edge ms @1* is the batch-1 latency of the model's ExecuTorch program.",
             "",
             "![accuracy against cost](pareto.png)",
             "",

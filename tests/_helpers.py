@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from lightning_hybridcomp.data import DigitsDataModule
+
 REPO = Path(__file__).resolve().parents[1]
 
 # No logger, progress bar, summary or checkpoint files: quiet runs that write nothing unasked.
@@ -64,6 +66,14 @@ MINI_PIPELINE: dict[str, Any] = {
     "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 2, "warmup": 1, "compile": False},
     "trainer": {"limit_train_batches": 4, "limit_val_batches": 2, "enable_progress_bar": False},
 }
+
+
+def ready_digits(image_size: int) -> DigitsDataModule:
+    """The embedded digits at ``image_size``, batch 64, split and set up for fit and test."""
+    dm = DigitsDataModule(batch_size=64, image_size=image_size, seed=0)
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
 
 
 def fast_trainer(root: Path | None = None, **overrides: Any) -> pl.Trainer:

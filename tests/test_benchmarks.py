@@ -147,7 +147,7 @@ def test_fashion_mnist_benchmark_puts_the_method_beside_its_anchors(tmp_path: Pa
         "--set=data.init_args.val_size=64", "--set=data.init_args.batch_size=32",
         "--set=baseline.max_epochs=1", "--set=moe.max_epochs=1", "--set=trainer.limit_train_batches=2",
         "--set=experts=[" + ", ".join(
-            f"{{name: e{i}, pruning: {{target_macs_ratio: 0.3, iterative_steps: 1, importance: {imp}}},"
+            f"{{name: e{i}, pruning: {{pruning_ratio: 0.7, target: macs, iterative_steps: 1, importance: {imp}}},"
             f" quantization: {{backend: x86_pt2e}}, max_epochs: 2, seed: {i}}}"
             for i, imp in enumerate(("l2", "fpgm"))
         ) + "]",
@@ -172,3 +172,33 @@ def test_fashion_mnist_benchmark_puts_the_method_beside_its_anchors(tmp_path: Pa
     for row in figures["rows"]:
         assert row["drop_pt"] == pytest.approx(round(100 * (base["accuracy"] - row["accuracy"]), 2))
     assert (tmp_path / "fashion_mnist_report" / "pareto.png").is_file()
+
+
+@pytest.mark.slow
+def test_edge_benchmark_puts_every_runtime_side_by_side(tmp_path: Path) -> None:
+    figures = _run_benchmark(
+        "bench_edge.py", tmp_path / "edge.json",
+        "--networks", "digits", "--train-epochs=1", "--tune-batches=2", "--rounds=2", "--warmup=1",
+    )  # fmt: skip
+    rows = {row["model"]: row for row in figures["rows"]}
+    assert list(rows) == [
+        "torch eager fp32",
+        "compile_artifact fp32",
+        "compile_artifact int8 (x86_pt2e)",
+        "ExecuTorch fp32",
+        "ExecuTorch int8",
+        "ExecuTorch pruned fp32",
+        "ExecuTorch pruned int8",
+        "ExecuTorch MoE k=1",
+        "ExecuTorch MoE k=2",
+    ]
+    fp32 = rows["ExecuTorch fp32"]
+    assert fp32["x ET fp32 @1"] == pytest.approx(1.0) and fp32["x ET fp32 bytes"] == pytest.approx(1.0)
+    assert rows["ExecuTorch pruned int8"]["MACs"] <= 0.3 * fp32["MACs"]  # pruned to at most 0.25x, rounded
+    assert rows["ExecuTorch pruned int8"]["bytes"] < rows["ExecuTorch pruned fp32"]["bytes"] < fp32["bytes"]
+    assert rows["ExecuTorch int8"]["bytes"] < 0.5 * fp32["bytes"]
+    assert rows["ExecuTorch MoE k=1"]["MACs"] < rows["ExecuTorch MoE k=2"]["MACs"]
+    for row in rows.values():
+        assert row["ms @1"] > 0 and row["ms @32"] > 0 and 0.0 <= row["test acc"] <= 1.0
+    # The int8 programs predict about as well as fp32 (one training epoch; post-training calibration).
+    assert rows["ExecuTorch int8"]["test acc"] >= fp32["test acc"] - 0.05

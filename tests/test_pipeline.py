@@ -95,11 +95,37 @@ def test_results_match_the_files(finished_run) -> None:
         assert 0.1 < m["accuracy"] <= 1.0 and m["latency_b1_ms"] > 0 and m["latency_b64_ms"] > 0
 
 
+def test_edge_column_comes_from_real_programs(finished_run) -> None:
+    from lightning_hybridcomp.edge import load_executorch
+
+    _, run_dir, _ = finished_run
+    models = {m["name"]: m for m in json.loads((run_dir / "results.json").read_text())["models"]}
+    x = torch.zeros(1, 1, 8, 8)
+    for name in ("baseline", "third"):  # fp32 programs, lowered whole
+        path = run_dir / "evaluation" / "edge" / f"{name}.pte"
+        program = load_executorch(path)  # checks the file against its side-car's hash
+        model = models[name]
+        assert model["pte_bytes"] == path.stat().st_size == program.metadata.size_bytes
+        assert model["edge_latency_b1_ms"] > 0 and program(x).shape == (1, 10)
+        # The program predicts what the PyTorch model predicts.
+        assert abs(model["extra"]["edge_accuracy"] - model["accuracy"]) < 0.02
+    assert models["third"]["ratios"]["edge_latency_b1_ms"] == pytest.approx(
+        models["third"]["edge_latency_b1_ms"] / models["baseline"]["edge_latency_b1_ms"]
+    )
+    # The x86_pt2e expert (and every MoE holding it) cannot be lowered whole: said, not timed half-delegated.
+    for name in ("half", "moe-k1", "moe-k2"):
+        assert models[name]["edge_latency_b1_ms"] is None and models[name]["pte_bytes"] is None
+        assert "outside the delegate" in models[name]["extra"]["edge_skipped"]
+        assert not (run_dir / "evaluation" / "edge" / f"{name}.pte").exists()
+    report = (run_dir / "report.md").read_text()
+    assert "edge ms @1" in report and "No edge figures for half, moe-k1, moe-k2" in report
+
+
 def test_pareto_plot_is_a_valid_png(finished_run) -> None:
     _, run_dir, _ = finished_run
     png = (run_dir / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", png[16:24]) == (1100, 450)
+    assert struct.unpack(">II", png[16:24]) == (1650, 450)  # MACs, bytes and ExecuTorch latency panels
 
 
 def test_rerun_skips_finished_phases(finished_run) -> None:

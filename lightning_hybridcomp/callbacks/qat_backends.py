@@ -1,6 +1,7 @@
 """How each QuantizationAwareTraining backend prepares, freezes, converts and reverts a network.
 
 ``x86_pt2e``: torchao's PT2E flow (export, X86InductorQuantizer, QAT, convert_pt2e) for conv nets;
+``xnnpack``: the same flow with ExecuTorch's XNNPACKQuantizer (:mod:`.qat_xnnpack`), for edge programs;
 ``linear_int8``: torchao's ``QATConfig`` for Linear/Embedding nets. The callback only orchestrates them.
 """
 
@@ -79,18 +80,24 @@ class PT2EBackend(QuantizationBackend):
         " networks use backend='linear_int8'."
     )
 
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    def quantizer(self) -> Any:
+        """The PT2E quantizer (QAT configuration) that annotates the traced graph."""
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+        return quantizer
+
+    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        quantizer = self.quantizer()  # first: a missing optional dependency fails before any tracing
         # QAT traces BatchNorm in its training form (batch statistics, folded into the conv at conversion)
         # and every other layer as at inference, so that no dropout or drop-path reaches the int8 program.
         with inference_mode_except_batch_norm(network):
             program = export_with_dynamic_batch(network, example)
         graph = program.module()
         separate_repeated_module_calls_(graph)
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
         prepared = prepare_qat_pt2e(graph, quantizer)
         make_exported_train_eval_(prepared)
         prepared._hybridcomp_observers_frozen = False  # type: ignore[assignment]
@@ -363,9 +370,13 @@ def _sync_observers_hook(module: nn.Module, args: Any) -> None:
 
 
 #: Backend names, as ``QuantizationAwareTraining(backend=...)`` takes them.
-BACKENDS = ("x86_pt2e", "linear_int8")
+BACKENDS = ("x86_pt2e", "linear_int8", "xnnpack")
 
 
 def make_backend(name: str) -> QuantizationBackend:
     """The backend called ``name`` (one of :data:`BACKENDS`)."""
+    if name == "xnnpack":
+        from lightning_hybridcomp.callbacks.qat_xnnpack import XNNPACKBackend
+
+        return XNNPACKBackend()
     return PT2EBackend() if name == "x86_pt2e" else LinearInt8Backend()

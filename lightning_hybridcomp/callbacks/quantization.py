@@ -69,6 +69,10 @@ class QuantizationAwareTraining(Callback):
       ``X86InductorQuantizer`` in QAT mode, ``prepare_qat_pt2e``, training, ``convert_pt2e``. Conv2d and
       Linear become int8 with per-channel weights and BatchNorm folded into the convolutions; the speed-up
       on CPU needs :func:`~lightning_hybridcomp.artifacts.compile_artifact`.
+    * ``"xnnpack"`` (conv nets for edge devices): the same PT2E flow with ExecuTorch's ``XNNPACKQuantizer``
+      (symmetric int8 activations, per-channel int8 weights), the scheme of ExecuTorch's XNNPACK delegate;
+      :func:`~lightning_hybridcomp.edge.export_executorch` lowers the result to a ``.pte`` program. Needs
+      the ``edge`` extra (``pip install "lightning-hybridcomp[edge]"``).
     * ``"linear_int8"`` (Linear/Embedding-heavy nets): torchao ``QATConfig`` fake quantization (int8
       per-token activations, int8 per-channel weights), converted to torchao's int8 dynamic-activation
       Linear (fast on CPU) and int8 weight-only Embedding. Other layers stay fp32.
@@ -90,11 +94,11 @@ class QuantizationAwareTraining(Callback):
     bytes) in ``validate``/``test`` runs, and in every logger at the end of ``fit``.
 
     Args:
-        backend: ``"x86_pt2e"`` or ``"linear_int8"`` (case-insensitive).
+        backend: ``"x86_pt2e"``, ``"xnnpack"`` or ``"linear_int8"`` (case-insensitive).
         module: fully qualified name of the submodule to quantize; ``None`` for the forward network.
         start_epoch: epoch at whose first batch fake quantization is inserted.
         start_step: global step at which to insert instead (leave ``start_epoch`` at 0).
-        freeze_observers_epoch: epoch from which the activation ranges stop updating (``x86_pt2e`` only);
+        freeze_observers_epoch: epoch from which the activation ranges stop updating (PT2E backends only);
             must come after ``start_epoch``.
         freeze_bn_epoch: epoch from which BatchNorm running statistics stop updating.
         convert_on_fit_end: convert to int8 when ``fit`` ends.
@@ -107,6 +111,7 @@ class QuantizationAwareTraining(Callback):
     Raises:
         ValueError: for an unknown backend, negative or inconsistent epochs, a malformed shape.
         TypeError: for arguments of the wrong type.
+        ImportError: for ``backend="xnnpack"`` without ExecuTorch installed (the message names the extra).
 
     Example::
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hybridcomp.moe.gate import TopKGating, dense_gates
+from lightning_hybridcomp.moe.metrics import LOG_EPS
 
 __all__ = [
     "BucketedExpert",
@@ -21,6 +22,7 @@ __all__ = [
     "bucket_size",
     "capacity_keep",
     "dense_dispatch",
+    "log_mixture",
     "mix_expert_probabilities",
     "sparse_dispatch",
 ]
@@ -173,6 +175,15 @@ def sparse_dispatch(
         keep = torch.ones_like(gating.indices, dtype=torch.bool)
     probs = mix_expert_probabilities(slot_probs, gating.weights, keep, normalise=normalise)
     return DispatchResult(probs=probs, keep=keep, counts=counts)
+
+
+def log_mixture(probs: Tensor) -> Tensor:
+    """The MoE's output: the log of the mixed probabilities (clamped away from zero).
+
+    ``MoELightningModule.forward`` and the ExecuTorch runner (:class:`~lightning_hybridcomp.moe.edge.EdgeMoE`)
+    both end here, so they predict alike.
+    """
+    return probs.clamp_min(LOG_EPS).log()
 
 
 def dense_dispatch(

@@ -38,6 +38,7 @@ __all__ = [
     "build_expert",
     "check_class_counts",
     "frozen_graph",
+    "load_classifier_checkpoint",
     "load_expert_source",
     "penultimate_features",
     "resolve_input_shape",
@@ -142,7 +143,7 @@ def load_expert_source(spec: Any, index: int) -> ExpertSource:
         if path.suffix == SUFFIX:
             return _load_pt2(path, name)
         if path.suffix == ".ckpt":
-            return _load_classifier_checkpoint(path, name)
+            return load_classifier_checkpoint(path, name)
         raise ValueError(
             f"Expected {name} to be a supported expert format, got a {path.suffix or 'suffix-less'!r} file."
             f" Valid options: {EXPERT_FORMATS}."
@@ -167,7 +168,7 @@ def _load_pt2(path: Path, name: str) -> ExpertSource:
     )
 
 
-def _load_classifier_checkpoint(path: Path, name: str) -> ExpertSource:
+def load_classifier_checkpoint(path: Path, name: str) -> ExpertSource:
     """Rebuild an ``ImageClassifier`` from a Lightning checkpoint (hyper-parameters + weights)."""
     checkpoint = read_checkpoint(path, what=name)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -37,6 +37,7 @@ from lightning_hybridcomp.moe.dispatch import (
     DispatchResult,
     capacity_keep,
     dense_dispatch,
+    log_mixture,
     sparse_dispatch,
 )
 from lightning_hybridcomp.moe.experts import (
@@ -65,7 +66,7 @@ from lightning_hybridcomp.moe.gate import (
     routing_mask,
     top_k_gate,
 )
-from lightning_hybridcomp.moe.metrics import LOG_EPS, RoutingStatistics
+from lightning_hybridcomp.moe.metrics import RoutingStatistics
 from lightning_hybridcomp.profiling import serialized_size
 
 __all__ = ["DispatchResult", "MoELightningModule", "load_moe"]
@@ -82,10 +83,6 @@ def _check_expert_count(value: Any, name: str, num_experts: int | None) -> None:
         expect_int(value, name, low=1)
     elif not is_int(value) or not 1 <= value <= num_experts:
         raise ValueError(f"Expected `{name}` to be an integer in [1, {num_experts}], got {value!r}.")
-
-
-def _log_mixture(probs: Tensor) -> Tensor:
-    return probs.clamp_min(LOG_EPS).log()
 
 
 class MoELightningModule(pl.LightningModule):
@@ -451,7 +448,7 @@ class MoELightningModule(pl.LightningModule):
     @override
     def forward(self, x: Tensor) -> Tensor:
         gating, _ = self.route(x)
-        return _log_mixture(self.dispatch(x, gating).probs)
+        return log_mixture(self.dispatch(x, gating).probs)
 
     # ------------------------------------------------------------------ training
 
@@ -464,7 +461,7 @@ class MoELightningModule(pl.LightningModule):
         x, y = inputs_from_batch(batch), batch[1]
         gating, clean_logits = self.route(x)
         result = self.dispatch(x, gating)
-        task = F.nll_loss(_log_mixture(result.probs), y)
+        task = F.nll_loss(log_mixture(result.probs), y)
         mask = routing_mask(gating.indices, self.num_experts)
         balance = load_balancing_loss(gating.probs, mask, self.balance_coefficient)
         importance = importance_loss(dense_gates(gating), self.importance_coefficient)
@@ -500,7 +497,7 @@ class MoELightningModule(pl.LightningModule):
     def _update_routing(self, metric: RoutingStatistics, x: Tensor, y: Tensor | None) -> None:
         gating, _ = self.route(x)
         result = self.dispatch(x, gating)
-        metric.update(gating.probs, gating.indices, result.counts, result.keep, _log_mixture(result.probs), y)
+        metric.update(gating.probs, gating.indices, result.counts, result.keep, log_mixture(result.probs), y)
 
     def _finish_routing(self, prefix: str, metric_prefix: str) -> dict[str, float]:
         """The epoch's figures under their logged names (all ranks together), and a fresh metric."""

@@ -2,12 +2,14 @@
 
 Run by ``test_quantization.py`` through ``tests._helpers.run_ddp_script`` (``python tests/callbacks/_ddp_qat.py
 OUT_DIR`` with the repository on ``PYTHONPATH``); Lightning's "ddp" strategy starts the second process by
-running this script again. Each rank writes ``OUT_DIR/rank{r}.json`` with a hash of its int8 model, so the
-test can check that every rank converted to the same model.
+running this script again; ``HYBRIDCOMP_QAT_BACKEND`` picks the backend. Each rank writes
+``OUT_DIR/rank{r}.json`` with a hash of its int8 model, so the test can check that every rank converted to
+the same model.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -44,12 +46,13 @@ class Report(pl.Callback):
 
 
 def main(out_dir: Path) -> None:
+    backend = os.environ.get("HYBRIDCOMP_QAT_BACKEND", "x86_pt2e")
     torch.set_num_threads(1)
     pl.seed_everything(0)
     trainer = ddp_trainer(
         out_dir,
         max_epochs=2,
-        callbacks=[QuantizationAwareTraining(start_epoch=1, verbose=False), Report(out_dir)],
+        callbacks=[QuantizationAwareTraining(backend=backend, start_epoch=1, verbose=False), Report(out_dir)],
     )
     trainer.fit(DDPClassifier(image_size=8, samples=64, with_example=False))
 

@@ -24,7 +24,7 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.models import build_backbone
 from lightning_hybridcomp.profiling import count_macs, serialized_size
-from tests._helpers import ClassifierSteps, fast_trainer, relative_distance, run_ddp_script
+from tests._helpers import ClassifierSteps, fast_trainer, ready_digits, relative_distance, run_ddp_script
 
 IMAGE = 8
 # QAT int8 accuracy may trail fp32 on the 270-image test split by at most this much (8 images).
@@ -162,10 +162,7 @@ def _int8_tensors(module: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def digits() -> DigitsDataModule:
-    dm = DigitsDataModule(batch_size=64, image_size=IMAGE, seed=0)
-    dm.setup("fit")
-    dm.setup("test")
-    return dm
+    return ready_digits(IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -585,8 +582,14 @@ def test_pruned_qat_checkpoint_reloads_in_any_callback_order(
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path) -> None:
-    proc = run_ddp_script(Path(__file__).with_name("_ddp_qat.py"), tmp_path, timeout=600)
+@pytest.mark.parametrize("backend", ["x86_pt2e", "xnnpack"])
+def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path, backend: str) -> None:
+    proc = run_ddp_script(
+        Path(__file__).with_name("_ddp_qat.py"),
+        tmp_path,
+        timeout=600,
+        env={"HYBRIDCOMP_QAT_BACKEND": backend},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -602,7 +605,13 @@ def test_ddp_two_processes_convert_to_the_same_int8_model(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"backend": "int4"}, ValueError, r"Expected `backend` to be one of \('x86_pt2e', 'linear_int8'\)"),
+        (
+            {"backend": "int4"},
+            ValueError,
+            r"Expected `backend` to be one of \('x86_pt2e', 'linear_int8', 'xnnpack'\)",
+        ),
+        ({"backend": "XNNPACK", "start_epoch": 2, "freeze_observers_epoch": 1}, ValueError, "to be after"),
+        ({"backend": "xnnpack", "example_input_shape": [0]}, ValueError, "list of positive integers"),
         ({"backend": "fbgemm"}, ValueError, "deprecated; 'x86_pt2e' is their PT2E successor"),
         ({"backend": 3}, TypeError, "Expected `backend` to be a string"),
         ({"module": ""}, TypeError, "Expected `module` to be None or the fully qualified name"),
