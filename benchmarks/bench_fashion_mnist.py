@@ -80,7 +80,7 @@ def _bytes(module: nn.Module, example: Tensor, steps: list[str]) -> int:
 
 
 def _model_pruning(pipeline: Pipeline, sparsity: float, epochs: int, trainer_flags: dict[str, Any]) -> Any:
-    model = pipeline._baseline_model()
+    model = pipeline.baseline_model()
     model.load_state_dict(torch.load(pipeline.run_dir / "baseline" / "weights.pt", weights_only=True))
     layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     # The whole sparsity at the end of the first epoch, then fine-tuning with the masks held.
@@ -100,7 +100,7 @@ def _torch_pruning_loop(
     pipeline: Pipeline, target_macs: float, epochs: int, limit: float | int, example: Tensor
 ) -> nn.Module:
     """Prune the baseline's channels with torch-pruning to ``target_macs`` in one step, then fine-tune (Adam)."""
-    model = pipeline._baseline_model()
+    model = pipeline.baseline_model()
     model.load_state_dict(torch.load(pipeline.run_dir / "baseline" / "weights.pt", weights_only=True))
     net = model.net
     base_macs, _ = count_macs_and_params(net.eval(), example)
@@ -143,7 +143,7 @@ def _post_training_int8(pipeline: Pipeline, batches: int) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    model = pipeline._baseline_model()
+    model = pipeline.baseline_model()
     model.load_state_dict(torch.load(pipeline.run_dir / "baseline" / "weights.pt", weights_only=True))
     example = inputs_from_batch(next(iter(pipeline.datamodule.train_dataloader())))
     program = export_with_dynamic_batch(model.net.eval(), example[:2])

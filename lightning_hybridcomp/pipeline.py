@@ -339,7 +339,11 @@ class Pipeline:
             # Inductor's int8 lowering repeats this warning for every compiled convolution.
             warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
             rows = self.evaluate()
-            edge_note = self._edge_figures(rows)
+            edge_note = (
+                self._edge_figures(rows)
+                if self.config.evaluation.edge
+                else "Edge figures not measured (`evaluation.edge: false`)."
+            )
         machine = self._machine()
         header = (
             f"Measured on {machine['date']} on {machine['machine']} ({machine['threads']} torch threads);"

@@ -179,12 +179,15 @@ class EvaluationConfig:
         repeats: timed forward passes per measurement (median reported).
         warmup: untimed calls first.
         compile: time ``torch.compile``-d programs (inductor freezing), where int8 kernels are fast.
+        edge: export every model as an ExecuTorch ``.pte`` and time it at batch 1 (the edge column; needs
+            the ``edge`` extra, and says once why it is skipped without it).
     """
 
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     repeats: int = 20
     warmup: int = 5
     compile: bool = True
+    edge: bool = True
 
 
 def _default_experts() -> list[ExpertConfig]:

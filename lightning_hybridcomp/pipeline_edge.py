@@ -14,7 +14,6 @@ from torch import Tensor
 
 from lightning_hybridcomp._executorch import EDGE_INSTALL, executorch_available
 from lightning_hybridcomp.edge import (
-    UndelegatedOperatorsError,
     export_executorch,
     load_executorch,
     set_edge_threads,
@@ -56,8 +55,9 @@ def add_edge_figures(
         path = folder / f"{row.name}.pte"
         try:
             metadata = export_executorch(sources[row.name], path)
-        except UndelegatedOperatorsError as err:
-            # Half-delegated programs are not timed as edge programs; the report says why instead.
+        except ValueError as err:
+            # Half-delegated programs (UndelegatedOperatorsError) and programs ExecuTorch cannot build at all
+            # (e.g. linear_int8's `_int_mm`) are not timed as edge programs; the report says why instead.
             row.extra["edge_skipped"] = str(err)
             continue
         programs[row.name] = load_executorch(path)
@@ -86,9 +86,9 @@ def add_edge_figures(
     if skipped:
         note += (
             f" No edge figures for {', '.join(skipped)}: XNNPACK cannot lower them whole (an `x86_pt2e` int8"
-            " linear layer has no XNNPACK kernel, and the runtime has no portable int8 kernels for what stays"
-            " outside; the operators are in results.json, `extra.edge_skipped`). Quantize experts with"
-            " `backend: xnnpack` for edge programs."
+            " linear layer has no XNNPACK kernel, `linear_int8`'s `_int_mm` is no ExecuTorch operator, and the"
+            " runtime has no portable int8 kernels for what stays outside; each reason is in results.json,"
+            " `extra.edge_skipped`). Quantize experts with `backend: xnnpack` for edge programs."
         )
     say(note)
     return note

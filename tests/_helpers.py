@@ -63,7 +63,14 @@ MINI_PIPELINE: dict[str, Any] = {
         },
     ],
     "moe": {"top_k": [1, 2], "max_epochs": 1},
-    "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 2, "warmup": 1, "compile": False},
+    # ExecuTorch lowering costs seconds per program: only the tests of the edge column switch it on.
+    "evaluation": {
+        "latency_batch_sizes": [1, 64],
+        "repeats": 2,
+        "warmup": 1,
+        "compile": False,
+        "edge": False,
+    },
     "trainer": {"limit_train_batches": 4, "limit_val_batches": 2, "enable_progress_bar": False},
 }
 

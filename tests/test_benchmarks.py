@@ -151,7 +151,7 @@ def test_fashion_mnist_benchmark_puts_the_method_beside_its_anchors(tmp_path: Pa
             f" quantization: {{backend: x86_pt2e}}, max_epochs: 2, seed: {i}}}"
             for i, imp in enumerate(("l2", "fpgm"))
         ) + "]",
-        "--set=trainer.limit_val_batches=1", "--set=evaluation.compile=false",
+        "--set=trainer.limit_val_batches=1", "--set=evaluation.compile=false", "--set=evaluation.edge=false",
         "--set=evaluation.repeats=1", "--set=evaluation.warmup=0", "--set=evaluation.latency_batch_sizes=[1]",
     )  # fmt: skip
     rows = {row["name"]: row for row in figures["rows"]}

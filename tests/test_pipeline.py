@@ -19,6 +19,9 @@ from lightning_hybridcomp.pipeline_config import PipelineError, parse_pipeline_c
 from tests._helpers import MINI_PIPELINE as MINI
 from tests._helpers import done_marker_times, pipeline_command
 
+# One xdist worker runs this file, so its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("test_pipeline")
+
 
 def _write_config(tmp_path: Path, **changes) -> Path:
     raw = json.loads(json.dumps(MINI))
@@ -37,7 +40,7 @@ def _run(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = _write_config(tmp)
+    config = _write_config(tmp, evaluation={**MINI["evaluation"], "edge": True})
     run_dir = tmp / "run"
     result = _run(config, run_dir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
