@@ -593,10 +593,9 @@ class StructuredPruning(Callback):
 
         if stopped_at is not None:
             self._progress.exhausted = True
-            kept = self._settings.cost_target
             rank_zero_warn(
                 f"StructuredPruning: cannot reach `pruning_ratio`={self.pruning_ratio:g} of the {self.target} (keep"
-                f" {kept[1] if kept else 1:g}x): stopped at {stopped_at:.3f}x after step {step}; layers are limited"
+                f" {1.0 - self.pruning_ratio:g}x): stopped at {stopped_at:.3f}x after step {step}; layers are limited"
                 f" by `max_layer_ratio`={self.max_layer_ratio}, `round_to`, ignored and output layers. Pruning stops"
                 " here."
             )
