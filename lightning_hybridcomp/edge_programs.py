@@ -30,6 +30,7 @@ __all__ = [
     "SUFFIX",
     "EdgeMetadata",
     "ExecuTorchProgram",
+    "LoweringError",
     "UndelegatedOperatorsError",
     "edge_example",
     "lower_to_xnnpack",
@@ -47,6 +48,10 @@ FORMAT_VERSION = 1
 _FEATURE = "Exporting to ExecuTorch"
 # Graph plumbing that stays outside any delegate by design: it computes nothing.
 _PLUMBING = {"executorch_call_delegate", "getitem", "sym_size", "sym_numel", "sym_stride"}
+
+
+class LoweringError(ValueError):
+    """ExecuTorch cannot build a program for the network at all; the message gives its reason."""
 
 
 class UndelegatedOperatorsError(ValueError):
@@ -271,7 +276,7 @@ def lower_to_xnnpack(
         edge = to_edge_transform_and_lower(dict(prepared), partitioner=[XnnpackPartitioner()])
     except Exception as err:  # ExecuTorch raises many types; the user needs the network and the reason
         detail = " ".join(str(err).split())[:800]
-        raise ValueError(
+        raise LoweringError(
             f"Could not lower {where} to ExecuTorch's XNNPACK backend: {type(err).__name__}: {detail}"
         ) from err
     left = {name: ops for name in prepared if (ops := _undelegated(edge.exported_program(name)))}

@@ -14,10 +14,12 @@ from torch import Tensor
 
 from lightning_hybridcomp._executorch import EDGE_INSTALL, executorch_available
 from lightning_hybridcomp.edge import (
+    UndelegatedOperatorsError,
     export_executorch,
     load_executorch,
     set_edge_threads,
 )
+from lightning_hybridcomp.edge_programs import LoweringError
 from lightning_hybridcomp.profiling import interleaved_latencies
 from lightning_hybridcomp.report import ResultRow
 
@@ -55,9 +57,9 @@ def add_edge_figures(
         path = folder / f"{row.name}.pte"
         try:
             metadata = export_executorch(sources[row.name], path)
-        except ValueError as err:
-            # Half-delegated programs (UndelegatedOperatorsError) and programs ExecuTorch cannot build at all
-            # (e.g. linear_int8's `_int_mm`) are not timed as edge programs; the report says why instead.
+        except (UndelegatedOperatorsError, LoweringError) as err:
+            # Half-delegated programs and programs ExecuTorch cannot build at all (e.g. linear_int8's
+            # `_int_mm`) are not timed as edge programs; the report says why instead.
             row.extra["edge_skipped"] = str(err)
             continue
         programs[row.name] = load_executorch(path)
