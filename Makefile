@@ -48,11 +48,11 @@ typecheck: $(STAMP)-dev
 docs: $(STAMP)-dev
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
-# Tests run single-threaded (tests/conftest.py), so two workers use the two cores of a small machine; a file
-# whose tests share module-scoped fixtures is one xdist group (its `pytestmark`), so they are built once.
+# Tests run single-threaded (tests/conftest.py), so two workers use the two cores of a small machine; each
+# test file runs in one worker, so its module-scoped fixtures are built once.
 PYTEST_WORKERS ?= 2
 pytest: $(STAMP)-dev
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 # Regenerate the measured table and plot shown in docs/results.md from a fresh default run.
 docs-results: $(STAMP)-base

@@ -28,9 +28,6 @@ from lightning_hybridcomp.programs import make_exported_train_eval_
 from tests._helpers import relative_distance
 from tests._reference import reference_macs
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_artifacts")
-
 SHAPE = (1, 8, 8)
 
 

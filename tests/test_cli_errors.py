@@ -24,9 +24,6 @@ from lightning_hybridcomp.cli import (
     main,
 )
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_cli_errors")
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(lightning_hybridcomp.__file__).resolve().parent
 FAST = [

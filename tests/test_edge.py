@@ -36,9 +36,6 @@ from lightning_hybridcomp.profiling import count_macs
 from tests._helpers import ClassifierSteps, fast_trainer, ready_digits
 from tests._reference import reference_macs
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_edge")
-
 IMAGE = 8
 MAX_BATCH = 4
 # fp32 .pte logits vs eager: XNNPACK's kernels reorder the float sums.

@@ -19,9 +19,6 @@ from lightning_hybridcomp.pipeline_config import PipelineError, parse_pipeline_c
 from tests._helpers import MINI_PIPELINE as MINI
 from tests._helpers import done_marker_times, pipeline_command
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_pipeline")
-
 
 def _write_config(tmp_path: Path, **changes) -> Path:
     raw = json.loads(json.dumps(MINI))

@@ -23,8 +23,7 @@ from lightning_hybridcomp.pipeline import Pipeline
 from lightning_hybridcomp.pipeline_config import parse_pipeline_config
 from tests._helpers import MINI_PIPELINE, done_marker_times, pipeline_command
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_pipeline_ddp")]
+pytestmark = pytest.mark.slow
 
 DDP = {"strategy": "ddp", "devices": 2, "accelerator": "cpu"}
 

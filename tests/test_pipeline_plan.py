@@ -22,9 +22,6 @@ from lightning_hybridcomp.pipeline_config import PipelineError, parse_pipeline_c
 from lightning_hybridcomp.pipeline_plan import phase_specs, plan_phases
 from tests._helpers import MINI_PIPELINE, REPO, pipeline_command
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("test_pipeline_plan")
-
 
 def _small(run_dir: Path, **changes: Any) -> dict[str, Any]:
     """The miniature run at its smallest: one epoch per phase, two batches, fp32 experts, k = 1."""

@@ -26,9 +26,6 @@ from lightning_hybridcomp.models import build_backbone
 from lightning_hybridcomp.profiling import count_macs, serialized_size
 from tests._helpers import ClassifierSteps, fast_trainer, ready_digits, relative_distance, run_ddp_script
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("callbacks.test_quantization")
-
 IMAGE = 8
 # QAT int8 accuracy may trail fp32 on the 270-image test split by at most this much (8 images).
 ACCURACY_BOUND = 0.03

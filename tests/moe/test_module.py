@@ -23,9 +23,6 @@ from lightning_hybridcomp.moe.module import MoELightningModule, load_moe
 from lightning_hybridcomp.profiling import count_macs, count_macs_and_params
 from tests._helpers import fast_trainer, random_classification_data, run_ddp_script
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("moe.test_module")
-
 IMAGE = [1, 8, 8]
 
 

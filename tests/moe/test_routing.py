@@ -12,9 +12,6 @@ from lightning_hybridcomp.moe.gate import assignment_loss, balanced_assignment, 
 from lightning_hybridcomp.moe.module import MoELightningModule
 from tests._helpers import fast_trainer
 
-# One xdist worker runs this file, so its module-scoped fixtures are built once.
-pytestmark = pytest.mark.xdist_group("moe.test_routing")
-
 IMAGE = [1, 6, 6]
 NUM_CLASSES = 6
 NUM_EXPERTS = 3
