@@ -436,6 +436,21 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_tensors_(module: nn.Module) -> None:
+    """Copy global rank zero's parameters and buffers of ``module`` into every rank's (no-op without DDP).
+
+    For state that each rank computed from its own data, such as the activation ranges of fake-quant
+    observers, right before it is baked into a program that every rank must share bit for bit.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
 def refuse_spawning_strategy(trainer: pl.Trainer, stage: str, why: str) -> None:
     """Raise if ``fit`` would run in spawned worker processes (``ddp_spawn``, ``ddp_fork``, notebooks).
 

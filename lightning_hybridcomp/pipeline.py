@@ -37,9 +37,11 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.pipeline_checks import check_pipeline
 from lightning_hybridcomp.pipeline_config import (
     ExpertConfig,
+    MoERun,
     PipelineConfig,
     PipelineError,
     load_pipeline_config,
+    tuned_backend,
 )
 from lightning_hybridcomp.pipeline_plan import (
     DONE_FILE,
@@ -57,7 +59,10 @@ from lightning_hybridcomp.pipeline_plan import (
 from lightning_hybridcomp.profiling import measure_latency
 from lightning_hybridcomp.report import ResultRow, report_table, write_report
 
-__all__ = ["Pipeline", "PipelineError", "run_pipeline"]
+__all__ = ["FLOAT_ARTIFACT", "Pipeline", "PipelineError", "run_pipeline"]
+
+#: Next to each PT2E-quantized expert's ``expert.pt2``: its fp32 twin, which a ``"tuned"`` MoE fine-tunes.
+FLOAT_ARTIFACT = "expert-float.pt2"
 
 
 def _tensorboard_available() -> bool:
@@ -245,13 +250,16 @@ class Pipeline:
         """The expert's ``QuantizationAwareTraining`` (``None`` when it stays fp32)."""
         return QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
 
-    def moe_module(self, top_k: int, experts: list[str] | None) -> pl.LightningModule:
+    def moe_module(self, run: MoERun, experts: list[str] | None) -> pl.LightningModule:
         """The MoE phase's module (``experts=None`` builds it unbuilt: its arguments are checked alone)."""
         from lightning_hybridcomp.moe import MoELightningModule
 
         # The task loss tells a router which expert is better only through competing weights (k >= 2; at
         # k = 1 it only rewards confidence in whatever won), so a top-1 MoE trains at k = 2 and routes at 1.
-        options = {"top_k": max(top_k, 2), "eval_top_k": top_k, **self.config.moe.options}
+        options = {"top_k": max(run.k, 2), "eval_top_k": run.k, **self.config.moe.options}
+        if run.variant == "tuned":
+            # Each expert's fp32 network learns, in fake-quant form, on the samples routed to it.
+            options.update(quantize_experts=tuned_backend(self.config), freeze_experts=False)
         return MoELightningModule(experts=experts, **options)
 
     # ------------------------------------------------------------------ phases
@@ -309,6 +317,11 @@ class Pipeline:
         def write() -> dict[str, Any]:
             if quantization is not None:
                 meta = quantization.save_artifact(artifact)
+                if quantization.float_network is not None and quantization.backend in ("x86_pt2e", "xnnpack"):
+                    # The fp32 twin of the int8 expert (the weights QAT trained), for a "tuned" MoE.
+                    steps = [pruning.step_label] if pruning is not None else []
+                    network = quantization.float_network.cpu().eval()
+                    save_artifact(network, folder / FLOAT_ARTIFACT, self._example_inputs(model), steps=steps)
             else:
                 steps = [pruning.step_label] if pruning is not None else []
                 meta = save_artifact(model.cpu().eval(), artifact, self._example_inputs(model), steps=steps)
@@ -316,13 +329,20 @@ class Pipeline:
 
         return on_rank_zero(write, what=f"writing the artifact of expert {spec.name!r}")
 
-    def _run_moe(self, top_k: int) -> dict[str, Any]:
-        folder = self.run_dir / "moe" / f"k{top_k}"
+    def _run_moe(self, run: MoERun) -> dict[str, Any]:
+        folder = self.run_dir / run.key
         folder.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(self.config.seed, workers=True)
-        experts = [str(self.run_dir / "experts" / e.name / "expert.pt2") for e in self.config.experts]
-        moe = self.moe_module(top_k, experts)
-        trainer = self.phase_trainer(folder, f"moe-k{top_k}", self.config.moe.max_epochs, [])
+        file = FLOAT_ARTIFACT if run.variant == "tuned" else "expert.pt2"
+        experts = [self.run_dir / "experts" / e.name / file for e in self.config.experts]
+        missing = [str(path) for path in experts if not path.is_file()]
+        if missing:
+            raise PipelineError(
+                f"The {run.name} MoE needs {missing[0]}, which the expert phase writes; this run directory was"
+                " made by an older version: run again with `--force`."
+            )
+        moe = self.moe_module(run, [str(path) for path in experts])
+        trainer = self.phase_trainer(folder, run.name, self.config.moe.max_epochs, [])
         self._fit(trainer, moe, folder)
         target = folder / "moe.ckpt"
         # `save_checkpoint` is a collective that rank zero alone writes; the rename makes it appear whole.
@@ -407,8 +427,8 @@ class Pipeline:
         for expert in self.config.experts:
             path = self.run_dir / "experts" / expert.name / "expert.pt2"
             rows.append(self._program_row(expert.name, "expert", path, example))
-        for k in self.config.moe.top_k:
-            moe = load_moe(self.run_dir / "moe" / f"k{k}" / "moe.ckpt").eval()
+        for run in self.config.moe.runs():
+            moe = load_moe(self.run_dir / run.key / "moe.ckpt").eval()
             if self.config.evaluation.compile:
                 moe.compile_experts_()
             accuracy = self._accuracy(moe)
@@ -416,7 +436,7 @@ class Pipeline:
             latency = self._latencies(moe, example)
             rows.append(
                 ResultRow(
-                    name=f"moe-k{k}",
+                    name=run.name,
                     kind="moe",
                     accuracy=accuracy,
                     params=moe.total_params(),
@@ -424,7 +444,7 @@ class Pipeline:
                     bytes=moe.total_bytes(),
                     latency_b1_ms=latency.get(1),
                     latency_b64_ms=latency.get(64),
-                    extra={"expert_load": stats["expert_load"], "top_k": k},
+                    extra={"expert_load": stats["expert_load"], "top_k": run.k, "variant": run.variant},
                 )
             )
         return rows
@@ -437,9 +457,7 @@ class Pipeline:
         sources.update(
             {e.name: self.run_dir / "experts" / e.name / "expert.pt2" for e in self.config.experts}
         )
-        sources.update(
-            {f"moe-k{k}": self.run_dir / "moe" / f"k{k}" / "moe.ckpt" for k in self.config.moe.top_k}
-        )
+        sources.update({run.name: self.run_dir / run.key / "moe.ckpt" for run in self.config.moe.runs()})
         ev = self.config.evaluation
         return add_edge_figures(
             rows,
@@ -479,7 +497,7 @@ class Pipeline:
             "baseline": self._run_baseline,
             "evaluation": self._run_evaluation,
             **{key: functools.partial(self._run_expert, e) for key, e in experts.items()},
-            **{f"moe/k{k}": functools.partial(self._run_moe, k) for k in self.config.moe.top_k},
+            **{run.key: functools.partial(self._run_moe, run) for run in self.config.moe.runs()},
         }
         return [_Phase(spec, runs[spec.key]) for spec in self.specs]
 

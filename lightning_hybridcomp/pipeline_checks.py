@@ -170,8 +170,8 @@ def _check(pipeline: Pipeline) -> _Problems:
     moe = config.moe
     count = len(config.experts)
     option_paths = {n: f"moe.options.{n}" for n in moe.options} | {"top_k": "moe.top_k"}
-    for k in moe.top_k:
-        problems.attempt(partial(pipeline.moe_module, k, None), "moe.options", option_paths)
+    for run in moe.runs():
+        problems.attempt(partial(pipeline.moe_module, run, None), "moe.options", option_paths)
     eval_top_k: Any = moe.options.get("eval_top_k")
     if is_int(eval_top_k) and eval_top_k > count >= 2:
         problems.found.append(

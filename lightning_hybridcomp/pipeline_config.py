@@ -19,11 +19,13 @@ import yaml
 from lightning_hybridcomp._validation import is_int
 
 __all__ = [
+    "MOE_VARIANTS",
     "BaselineConfig",
     "ComponentConfig",
     "EvaluationConfig",
     "ExpertConfig",
     "MoEConfig",
+    "MoERun",
     "PipelineConfig",
     "PipelineConfigError",
     "PipelineError",
@@ -155,19 +157,66 @@ class ExpertConfig:
     lr: float | None = None
 
 
+#: How a MoE phase uses the experts: ``"frozen"`` routes the int8 expert artifacts as they are;
+#: ``"tuned"`` fine-tunes each expert's fp32 network, in fake-quant form, on the samples routed to it and
+#: converts it to int8 when the phase ends (complementary experts, ``MoELightningModule.quantize_experts``).
+MOE_VARIANTS = ("frozen", "tuned")
+
+
+@dataclass(frozen=True)
+class MoERun:
+    """One MoE phase: a ``top_k`` and a variant (one of :data:`MOE_VARIANTS`)."""
+
+    k: int
+    variant: str = "frozen"
+
+    @property
+    def label(self) -> str:
+        """``k2`` for a frozen MoE, ``k2-tuned`` for a tuned one."""
+        return f"k{self.k}" if self.variant == "frozen" else f"k{self.k}-{self.variant}"
+
+    @property
+    def key(self) -> str:
+        """The phase (and folder) name, e.g. ``moe/k2-tuned``."""
+        return f"moe/{self.label}"
+
+    @property
+    def name(self) -> str:
+        """The report's row name, e.g. ``moe-k2-tuned``."""
+        return f"moe-{self.label}"
+
+
 @dataclass
 class MoEConfig:
-    """Phase 2: the Mixture of Experts over the expert artifacts, one run per ``top_k``.
+    """Phase 2: the Mixture of Experts over the experts, one run per ``top_k`` and variant.
 
     Attributes:
         top_k: the k values to train and report.
         max_epochs: gate training epochs.
         options: further ``MoELightningModule`` arguments (gate, coefficients, ...).
+        variants: ``"frozen"`` (the int8 expert artifacts, as they are) and/or ``"tuned"`` (the experts
+            fine-tuned on their routed samples in fake-quant form, then converted; needs every expert to
+            use one PT2E QAT backend, ``x86_pt2e`` or ``xnnpack``).
     """
 
     top_k: list[int] = field(default_factory=lambda: [1, 2])
     max_epochs: int = 6
     options: dict[str, Any] = field(default_factory=lambda: {"balance_coefficient": 0.05})
+    variants: list[str] = field(default_factory=lambda: ["frozen"])
+
+    def runs(self) -> list[MoERun]:
+        """Every MoE phase, variant by variant, each at every ``top_k``."""
+        return [MoERun(k, variant) for variant in self.variants for k in self.top_k]
+
+
+def tuned_backend(config: PipelineConfig) -> str | None:
+    """The one PT2E QAT backend every expert uses, which a ``"tuned"`` MoE fine-tunes them with, else ``None``."""
+    backends = {
+        str((e.quantization or {}).get("backend", "x86_pt2e")).lower() if e.quantization is not None else None
+        for e in config.experts
+    }
+    backend = backends.pop() if len(backends) == 1 else None
+    return backend if backend in ("x86_pt2e", "xnnpack") else None
 
 
 @dataclass
@@ -354,6 +403,29 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                 "moe.top_k",
                 f"Expected every `moe.top_k` to be at most the number of experts ({len(config.experts)}),"
                 f" got {top_k}.",
+            )
+        )
+    variants = config.moe.variants
+    if (
+        not isinstance(variants, list)
+        or not variants
+        or any(v not in MOE_VARIANTS for v in variants)
+        or len(set(variants)) != len(variants)
+    ):
+        problems.append(
+            (
+                "moe.variants",
+                f"Expected `moe.variants` to be a list of distinct values from {list(MOE_VARIANTS)}, got"
+                f" {variants!r}.",
+            )
+        )
+    elif "tuned" in variants and len(config.experts) >= 2 and tuned_backend(config) is None:
+        problems.append(
+            (
+                "moe.variants",
+                "Expected every expert to have `quantization` with one PT2E backend ('x86_pt2e' or 'xnnpack')"
+                " for the 'tuned' MoE, which fine-tunes their fp32 networks in fake-quant form, got backends"
+                f" {[(e.quantization or {}).get('backend', 'x86_pt2e') if e.quantization else None for e in config.experts]}.",
             )
         )
     sizes = config.evaluation.latency_batch_sizes

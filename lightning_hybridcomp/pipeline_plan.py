@@ -127,16 +127,18 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
         for i, e in enumerate(config.experts)
     ]
     routed = {"experts": {e.key: e.fingerprint for e in experts}, "expert_order": [e.key for e in experts]}
-    moe_settings = {k: v for k, v in asdict(config.moe).items() if k != "top_k"}
+    moe_settings = {k: v for k, v in asdict(config.moe).items() if k not in ("top_k", "variants")}
     moes = [
         PhaseSpec(
-            f"moe/k{k}",
-            f"MoE top-{k}",
-            {**routed, "top_k": k, "moe": moe_settings},
+            run.key,
+            f"MoE top-{run.k}" + ("" if run.variant == "frozen" else f" ({run.variant} experts)"),
+            # A frozen MoE's fingerprint is the same as before variants existed, so old runs stay done.
+            {**routed, "top_k": run.k, "moe": moe_settings}
+            | ({} if run.variant == "frozen" else {"variant": run.variant}),
             tuple(e.key for e in experts),
             config.moe.max_epochs,
         )
-        for k in config.moe.top_k
+        for run in config.moe.runs()
     ]
     evaluation = PhaseSpec(
         "evaluation",

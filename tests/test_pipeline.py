@@ -270,3 +270,35 @@ def test_unknown_callback_argument_is_refused_before_training(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['ratio'\] in `experts\[0\].pruning`"):
         Pipeline(parse_pipeline_config(raw), say=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_tuned_moe_fine_tunes_the_experts_fp32_twins(tmp_path: Path) -> None:
+    """A "tuned" MoE trains the experts' fp32 twins in fake-quant form and ends in int8; the frozen one stays."""
+    from lightning_hybridcomp.moe import load_moe
+
+    raw = json.loads(json.dumps(MINI))
+    for expert in raw["experts"]:
+        expert["quantization"] = {"backend": "x86_pt2e"}
+    raw.update(
+        run_dir=str(tmp_path / "run"), moe={"top_k": [2], "max_epochs": 1, "variants": ["frozen", "tuned"]}
+    )
+    Pipeline(parse_pipeline_config(raw), say=lambda _: None).run()
+    run_dir = tmp_path / "run"
+    for expert in raw["experts"]:
+        twin = load_artifact(run_dir / "experts" / expert["name"] / "expert-float.pt2")
+        assert twin.metadata.dtype == "float32" and twin.metadata.steps == (
+            "prune:l1:" + str(expert["pruning"]["pruning_ratio"]),
+        )
+    frozen, tuned = (load_moe(run_dir / "moe" / label / "moe.ckpt") for label in ("k2", "k2-tuned"))
+    assert frozen.expert_stage == "float" and tuned.expert_stage == "converted"
+    assert all(r.quantized for r in frozen.expert_records + tuned.expert_records)
+    # The tuned experts learnt on their routed samples: other int8 weights than the experts' own artifacts.
+    assert [r.fingerprint for r in tuned.expert_records] != [r.fingerprint for r in frozen.expert_records]
+    rows = {row["name"]: row for row in json.loads((run_dir / "results.json").read_text())["models"]}
+    assert (
+        rows["moe-k2-tuned"]["extra"]["variant"] == "tuned" and rows["moe-k2"]["extra"]["variant"] == "frozen"
+    )
+    # Dropping the tuned variant keeps every finished phase: the frozen MoE's fingerprint does not change.
+    raw["moe"]["variants"] = ["frozen"]
+    plan = {p.spec.key: p.action for p in Pipeline(parse_pipeline_config(raw), say=lambda _: None).plan()}
+    assert plan["moe/k2"] == "skip" and "moe/k2-tuned" not in plan

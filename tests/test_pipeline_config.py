@@ -51,6 +51,25 @@ def test_yaml_round_trip(tmp_path) -> None:
         ({"moe": {"top_k": [9]}}, "at most the number of experts"),
         ({"baseline": {"max_epochs": 0}}, "baseline.max_epochs"),
         ({"evaluation": {"latency_batch_sizes": [0]}}, "latency_batch_sizes"),
+        (
+            {"moe": {"variants": ["warm"]}},
+            r"`moe.variants` to be a list of distinct values from \['frozen', 'tuned'\]",
+        ),
+        ({"moe": {"variants": ["tuned", "tuned"]}}, "`moe.variants` to be a list of distinct values"),
+        (
+            {
+                "moe": {"variants": ["frozen", "tuned"]},
+                "experts": [{"name": "a", "quantization": {"backend": "x86_pt2e"}}, {"name": "b"}],
+            },
+            r"moe.variants: Expected every expert to have `quantization` with one PT2E backend .* \['x86_pt2e', None\]",
+        ),
+        (
+            {
+                "moe": {"variants": ["tuned"]},
+                "experts": [{"name": n, "quantization": {"backend": "linear_int8"}} for n in "ab"],
+            },
+            "one PT2E backend",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(raw, match) -> None:

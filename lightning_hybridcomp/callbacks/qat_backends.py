@@ -42,7 +42,16 @@ class QuantizationBackend:
     def check(self, network: nn.Module) -> None:
         """Raise ``ValueError`` if the backend has nothing to quantize in ``network``."""
 
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+    def prepare(self, network: nn.Module, example: Tensor, *, fold_batch_norm: bool = False) -> nn.Module:
+        """Insert fake quantization into ``network``.
+
+        Args:
+            network: the float network.
+            example: one batch of its inputs.
+            fold_batch_norm: trace at inference and fold every BatchNorm into the convolution before it, for
+                a network whose BatchNorm statistics must not change any more (a Mixture of Experts' experts);
+                the prepared graph then keeps eval semantics in both modes (PT2E backends only).
+        """
         raise NotImplementedError
 
     def convert(self, prepared: nn.Module) -> nn.Module:
@@ -88,18 +97,22 @@ class PT2EBackend(QuantizationBackend):
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
         return quantizer
 
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+    def prepare(self, network: nn.Module, example: Tensor, *, fold_batch_norm: bool = False) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+        from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
         quantizer = self.quantizer()  # first: a missing optional dependency fails before any tracing
         # QAT traces BatchNorm in its training form (batch statistics, folded into the conv at conversion)
         # and every other layer as at inference, so that no dropout or drop-path reaches the int8 program.
-        with inference_mode_except_batch_norm(network):
+        # With `fold_batch_norm`, BatchNorm is traced at inference too and folded into its convolution now.
+        with training_mode(network, False) if fold_batch_norm else inference_mode_except_batch_norm(network):
             program = export_with_dynamic_batch(network, example)
         graph = program.module()
+        if fold_batch_norm:
+            _fuse_conv_bn_(graph)
         separate_repeated_module_calls_(graph)
         prepared = prepare_qat_pt2e(graph, quantizer)
-        make_exported_train_eval_(prepared)
+        make_exported_train_eval_(prepared, keep_eval_semantics=fold_batch_norm)
         prepared._hybridcomp_observers_frozen = False  # type: ignore[assignment]
         prepared._hybridcomp_calibrating = False  # type: ignore[assignment]
         prepared.register_forward_pre_hook(_sync_observers_hook)
@@ -198,7 +211,9 @@ class LinearInt8Backend(QuantizationBackend):
                 " backend 'linear_int8', found none. Use backend='x86_pt2e' for convolutional networks."
             )
 
-    def prepare(self, network: nn.Module, example: Tensor) -> nn.Module:
+    def prepare(self, network: nn.Module, example: Tensor, *, fold_batch_norm: bool = False) -> nn.Module:
+        if fold_batch_norm:
+            raise ValueError("backend 'linear_int8' has no BatchNorm folding; use 'x86_pt2e' or 'xnnpack'.")
         from torchao.quantization import (
             Int8DynamicActivationIntxWeightConfig,
             IntxWeightOnlyConfig,

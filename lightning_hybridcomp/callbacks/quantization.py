@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -22,6 +21,7 @@ from typing_extensions import override
 from lightning_hybridcomp._lightning import (
     CheckpointLoadInterceptor,
     TrainingStateSnapshot,
+    broadcast_tensors_,
     device_of,
     make_example,
     refuse_spawning_strategy,
@@ -183,6 +183,16 @@ class QuantizationAwareTraining(Callback):
     def quantized_network(self) -> nn.Module | None:
         """The fake-quant or int8 network now in the LightningModule (``None`` in the float stage)."""
         return self._network.hosted if self._progress.stage != "float" else None
+
+    @property
+    def float_network(self) -> nn.Module | None:
+        """The fp32 network fake quantization was inserted into (``None`` in the float stage).
+
+        PT2E backends share its parameters and BatchNorm statistics with the fake-quant network, so after
+        training it holds the weights QAT learned: the fp32 twin of the int8 model, which a Mixture of Experts
+        can fine-tune further (``MoELightningModule(quantize_experts=...)``).
+        """
+        return self._network.float_network if self._progress.stage != "float" else None
 
     @property
     def summary(self) -> ArtifactMetadata | None:
@@ -456,7 +466,7 @@ class QuantizationAwareTraining(Callback):
             raise RuntimeError("QuantizationAwareTraining has no fake-quant network to convert.")
         if trainer is not None and trainer.world_size > 1:
             # Each rank's observers and BN statistics saw its own last batches; convert rank 0's everywhere.
-            _broadcast_tensors_(trainer, prepared)
+            broadcast_tensors_(prepared)
         converted = self._impl.convert(prepared)
         self._progress.qparams = self._impl.qparams(converted)
         self._network.host_(pl_module, converted)
@@ -565,13 +575,3 @@ class QuantizationAwareTraining(Callback):
     def _info(self, message: str) -> None:
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: {message}")
-
-
-def _broadcast_tensors_(trainer: pl.Trainer, module: nn.Module) -> None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    with torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=0)

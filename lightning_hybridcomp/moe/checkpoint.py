@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import ExportedProgram
 
+from lightning_hybridcomp.moe.expert_tuning import EXPERT_STAGES
 from lightning_hybridcomp.moe.experts import Expert, ExpertSource, stored_program
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "StoredMoE",
     "check_same_experts",
     "checkpoint_entry",
+    "read_expert_stage",
     "read_moe_entry",
 ]
 
@@ -63,10 +65,19 @@ class StoredMoE:
 
 
 def checkpoint_entry(
-    experts: Sequence[Expert], num_classes: int, gate_macs: int, gate_program: bytes | None
+    experts: Sequence[Expert],
+    num_classes: int,
+    gate_macs: int,
+    gate_program: bytes | None,
+    expert_stage: str = "float",
 ) -> dict[str, Any]:
-    """The ``"moe"`` entry for a MoE over ``experts``: tensors and plain values only."""
+    """The ``"moe"`` entry for a MoE over ``experts``: tensors and plain values only.
+
+    ``expert_stage`` is ``MoELightningModule.expert_stage``; in ``"fake_quant"`` the stored programs are the
+    fp32 experts, and the ``state_dict`` holds their fake-quant weights and observers.
+    """
     return {
+        "expert_stage": expert_stage,
         "format_version": FORMAT_VERSION,
         "experts": [_bytes_to_tensor(e.data) for e in experts],
         "expert_names": [e.name for e in experts],
@@ -126,6 +137,22 @@ def read_moe_entry(checkpoint: Any, where: str) -> StoredMoE:
     gate = entry.get("gate_program")
     gate_program = None if gate is None else stored_program(_tensor_to_bytes(gate), "the gate")
     return StoredMoE(experts=experts, gate_program=gate_program)
+
+
+def read_expert_stage(checkpoint: Any, where: str) -> str:
+    """The checkpoint's ``expert_stage``: ``"float"`` when it records none (written before stages existed, or
+    not a MoE checkpoint, which :func:`read_moe_entry` and :func:`check_same_experts` refuse).
+
+    Raises:
+        ValueError: if it records an unknown stage.
+    """
+    entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    stage = entry.get("expert_stage", "float") if isinstance(entry, dict) else "float"
+    if stage not in EXPERT_STAGES:
+        raise ValueError(
+            f"{where} records an unknown expert stage {stage!r}; expected one of {EXPERT_STAGES}."
+        )
+    return str(stage)
 
 
 def check_same_experts(checkpoint: dict[str, Any], experts: Sequence[Expert]) -> None:

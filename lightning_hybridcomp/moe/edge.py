@@ -56,6 +56,11 @@ def export_moe_program(
     evaluation, and each expert's MACs and name. Called by :func:`lightning_hybridcomp.edge.export_executorch`.
     """
     moe._require_built()
+    if moe.expert_stage == "fake_quant":
+        raise ValueError(
+            "Expected the MoE's experts to be int8 or fp32 programs, but they are fake-quant networks (a"
+            " checkpoint written during a fit with `quantize_experts`); call `moe.convert_experts_()` first."
+        )
     example = edge_example(torch.zeros(1, *moe.hparams["input_shape"]), max_batch)
     was_training = moe.training
     moe.eval()

@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.export import ExportedProgram
@@ -30,6 +31,7 @@ from lightning_hybridcomp.moe.checkpoint import (
     CHECKPOINT_KEY,
     check_same_experts,
     checkpoint_entry,
+    read_expert_stage,
     read_moe_entry,
 )
 from lightning_hybridcomp.moe.dispatch import (
@@ -40,6 +42,7 @@ from lightning_hybridcomp.moe.dispatch import (
     log_mixture,
     sparse_dispatch,
 )
+from lightning_hybridcomp.moe.expert_tuning import check_quantize_experts, convert_experts, prepare_experts
 from lightning_hybridcomp.moe.experts import (
     EXPERT_FORMATS,
     Expert,
@@ -136,6 +139,11 @@ class MoELightningModule(pl.LightningModule):
         freeze_experts: keep every expert frozen (default); ``False`` fine-tunes the fp32 ones (int8
             experts always stay frozen). Under DDP, fine-tuning needs ``find_unused_parameters=True``,
             because an expert that gets no sample of a batch has no gradient.
+        quantize_experts: ``None`` (default), or the QAT backend (``"x86_pt2e"``, ``"xnnpack"``) that turns
+            fp32 experts into fake-quant networks at ``setup("fit")`` (BatchNorm folded into the convolutions)
+            and into int8 programs when ``fit`` ends (:mod:`~lightning_hybridcomp.moe.expert_tuning`). With
+            ``freeze_experts=False`` each expert is then fine-tuned, in fake-quant form, on the samples the
+            gate routes to it: complementary experts. Every expert must be fp32.
         balance_coefficient: :math:`\alpha` of the Switch load-balancing loss.
         importance_coefficient: weight of the CV\ :sup:`2` importance loss (0 turns it off).
         z_loss_coefficient: weight of the router z-loss.
@@ -177,6 +185,7 @@ class MoELightningModule(pl.LightningModule):
         gate_channels: int = 8,
         gate_input_size: int | None = None,
         freeze_experts: bool = True,
+        quantize_experts: str | None = None,
         balance_coefficient: float = 1e-2,
         importance_coefficient: float = 0.0,
         z_loss_coefficient: float = 1e-3,
@@ -216,6 +225,7 @@ class MoELightningModule(pl.LightningModule):
                 f"Expected `capacity_factor` to be a positive float or None (no limit), got {capacity_factor!r}."
             )
         expect_int(gate_channels, "gate_channels", low=1)
+        quantize_experts = check_quantize_experts(quantize_experts)
         expect_int(gate_input_size, "gate_input_size", low=1, optional=True)
         # "module" names a gate module the checkpoint stores: only a checkpoint can supply it.
         if not (experts is None and gate == "module"):
@@ -233,6 +243,8 @@ class MoELightningModule(pl.LightningModule):
 
         self.save_hyperparameters(ignore=["experts", "gate"])
         self.hparams.update(gate_hyperparameters(gate))
+        self.hparams["quantize_experts"] = quantize_experts
+        self._expert_stage = "float"
         self.top_k = top_k
         self._eval_top_k = eval_top_k
         self.noisy_gating = bool(noisy_gating)
@@ -282,9 +294,7 @@ class MoELightningModule(pl.LightningModule):
                 "MoELightningModule: int8 experts stay frozen with `freeze_experts=False`: "
                 + ", ".join(r.name for r in records if r.quantized)
             )
-        self._records = records
-        # Registers the records' graphs, so that parameters, devices and the state_dict follow them.
-        self.experts = nn.ModuleList([r.module for r in records])
+        self._set_records(records)
 
         built = build_gate(
             gate,
@@ -301,6 +311,11 @@ class MoELightningModule(pl.LightningModule):
             rank_zero_warn(
                 "MoELightningModule: `freeze_experts=False` but no expert is trainable (all are int8)."
             )
+
+    def _set_records(self, records: list[Expert]) -> None:
+        self._records = records
+        # Registers the records' graphs, so that parameters, devices and the state_dict follow them.
+        self.experts = nn.ModuleList([r.module for r in records])
 
     @staticmethod
     def _check_top_k(top_k: Any, eval_top_k: Any, num_experts: int | None) -> None:
@@ -373,6 +388,44 @@ class MoELightningModule(pl.LightningModule):
         self._records = [
             replace(r, compiled=BucketedExpert(compile_artifact(r.module))) for r in self._records
         ]
+        return self
+
+    @property
+    def expert_stage(self) -> str:
+        """``"float"``, ``"fake_quant"`` or ``"converted"``: where ``quantize_experts`` has taken the experts."""
+        return self._expert_stage
+
+    def _prepare_experts(self) -> None:
+        backend = self.hparams["quantize_experts"]
+        if backend is None:
+            raise RuntimeError(
+                "The checkpoint holds fake-quant experts; build the MoE with the `quantize_experts` backend"
+                " it was trained with, or load it with `load_moe(path)`."
+            )
+        trainable = not self.hparams["freeze_experts"]
+        self._set_records(
+            prepare_experts(self._records, backend, tuple(self.hparams["input_shape"]), trainable=trainable)
+        )
+        self._expert_stage = "fake_quant"
+
+    def convert_experts_(self) -> MoELightningModule:
+        """Convert the fake-quant experts to int8 programs now, in place (the end of ``fit`` does it).
+
+        Returns:
+            The MoE itself.
+
+        Raises:
+            RuntimeError: if the experts are not in fake-quant form (``expert_stage != "fake_quant"``).
+        """
+        if self._expert_stage != "fake_quant":
+            raise RuntimeError(
+                f"Expected fake-quant experts to convert, but `expert_stage` is {self._expert_stage!r}: only"
+                " a MoE with `quantize_experts` has them, from `setup('fit')` until its fit ends."
+            )
+        shape = tuple(self.hparams["input_shape"])
+        with training_mode(self, False):
+            self._set_records(convert_experts(self._records, self.hparams["quantize_experts"], shape))
+        self._expert_stage = "converted"
         return self
 
     @property
@@ -455,6 +508,31 @@ class MoELightningModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self._require_built()
+        if stage == "fit" and self.hparams["quantize_experts"] is not None and self._expert_stage == "float":
+            # Before the optimizer and DDP are set up, so both see the fake-quant experts' parameters.
+            self._prepare_experts()
+
+    @override
+    def on_fit_end(self) -> None:
+        if self._expert_stage == "fake_quant":
+            self.convert_experts_()
+
+    def _convert_outside_fit(self) -> None:
+        # A fake-quant checkpoint given to validate/test/predict runs as the int8 MoE its fit would end in.
+        if self._expert_stage == "fake_quant" and self.trainer.state.fn != TrainerFn.FITTING:
+            self.convert_experts_()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._convert_outside_fit()
+
+    @override
+    def on_test_start(self) -> None:
+        self._convert_outside_fit()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._convert_outside_fit()
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -574,24 +652,36 @@ class MoELightningModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._require_built()
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(
-            self._records, self.num_classes, self._gate_macs, self._gate_program
+            self._records, self.num_classes, self._gate_macs, self._gate_program, self._expert_stage
         )
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stage = read_expert_stage(checkpoint, "the checkpoint")
         if not self._records:
             # `load_from_checkpoint` built this MoE from the plain hyper-parameters: the checkpoint's own
             # programs are the experts (and the stored gate module, if the MoE was trained with one).
             stored = read_moe_entry(checkpoint, "the checkpoint")
             self._build(stored.experts, stored.gate_argument(self._unbuilt_gate[0], "The checkpoint"))
+        if stage == "converted" and self._expert_stage == "fake_quant":
+            raise RuntimeError(
+                "The checkpoint's experts were converted to int8 when its fit ended, so this fit cannot resume"
+                " from it; evaluate it with `load_moe(path)` or `Trainer.test(ckpt_path=...)` instead."
+            )
         check_same_experts(checkpoint, self._records)
+        if stage == "converted":
+            self._expert_stage = "converted"  # built from the checkpoint's int8 programs
+        elif stage == "fake_quant" and self._expert_stage == "float":
+            self._prepare_experts()  # the state_dict loaded next holds the fake-quant weights and observers
 
 
 def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> MoELightningModule:
     """Rebuild a trained :class:`MoELightningModule` from its checkpoint, in eval mode.
 
     Needs neither the expert files nor the experts' classes: the experts come from the exported programs
-    stored in the checkpoint, which is read with ``torch.load(weights_only=True)``.
+    stored in the checkpoint, which is read with ``torch.load(weights_only=True)``. A checkpoint written
+    mid-fit with ``quantize_experts`` holds fake-quant experts; :meth:`MoELightningModule.convert_experts_`
+    makes them int8.
     ``MoELightningModule.load_from_checkpoint(path)`` builds the same MoE (in train mode, as Lightning does).
 
     Args:
