@@ -61,6 +61,21 @@ def graph_modules(module: nn.Module | torch.export.ExportedProgram) -> Iterator[
             yield child
 
 
+def signed_int8_activations(module: nn.Module | torch.export.ExportedProgram) -> bool:
+    """Whether a converted int8 graph quantizes activations to signed int8 (XNNPACK's scheme).
+
+    Inductor's x86 int8 kernels (oneDNN ``qconv``/``qlinear``, ``X86InductorQuantizer``'s scheme) take uint8
+    activations only: such a graph fails at its first compiled call (``Input tensor should have uint8``).
+    """
+    for graph_module in graph_modules(module):
+        for node in graph_module.graph.nodes:
+            name = str(node.target)
+            if node.op == "call_function" and "quantize_per_tensor" in name and "dequantize" not in name:
+                if torch.int8 in (*node.args, node.kwargs.get("dtype")):
+                    return True
+    return False
+
+
 def random_ops(module: nn.Module | torch.export.ExportedProgram) -> list[str]:
     """Names of the operators in a traced graph that draw random numbers, once per call site.
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from lightning_hybridcomp._graph_passes import check_deterministic
+from lightning_hybridcomp._graph_passes import check_deterministic, signed_int8_activations
 from lightning_hybridcomp._io import write_bytes_atomic
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import (
@@ -303,6 +303,9 @@ def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
 
     Raises:
         TypeError: if ``module`` is not an ``nn.Module``.
+        ValueError: for an int8 program with signed int8 activations (``QuantizationAwareTraining(backend=
+            "xnnpack")``, the scheme of ExecuTorch's XNNPACK delegate): inductor's x86 int8 kernels take
+            uint8 activations only. Run it with :func:`~lightning_hybridcomp.edge.load_executorch` or eagerly.
 
     Example::
 
@@ -313,6 +316,13 @@ def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
     import_quantized_ops()
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be an nn.Module, got {type(module).__name__}.")
+    if signed_int8_activations(module):
+        raise ValueError(
+            "This int8 program quantizes activations to signed int8 (XNNPACK's scheme, backend='xnnpack'),"
+            " which inductor's x86 int8 kernels cannot run (they take uint8 activations): deploy it with"
+            " `export_executorch`/`load_executorch`, run it eagerly, or quantize with backend='x86_pt2e' for"
+            " the inductor path."
+        )
     try:
         module.eval()
     except NotImplementedError:  # ``ExportedProgram.module()`` refuses .eval() until it can switch modes

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
 from lightning_hybridcomp._distributed import broadcast_from_rank_zero, is_global_zero, on_rank_zero
+from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, read_checkpoint
 from lightning_hybridcomp._lightning import PhaseProgress, completed_epochs, inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
@@ -365,6 +366,16 @@ class Pipeline:
                 else "Edge figures not measured (`evaluation.edge: false`)."
             )
         machine = self._machine()
+        eager = [
+            r.name for r in rows if self.config.evaluation.compile and r.extra.get("runtime") != "inductor"
+        ]
+        if eager:
+            # XNNPACK's int8 scheme (signed activations) has no inductor kernels; ExecuTorch is where it runs.
+            edge_note += (
+                f" The ms columns of {', '.join(eager)} are eager PyTorch: XNNPACK int8 programs do not compile"
+                " with inductor (its x86 int8 kernels take uint8 activations); their deployed speed is the edge"
+                " column."
+            )
         header = (
             f"Measured on {machine['date']} on {machine['machine']} ({machine['threads']} torch threads);"
             f" configuration fingerprint `{self.config.fingerprint()}`, {len(self.config.experts)} experts,"
@@ -403,8 +414,9 @@ class Pipeline:
     def _program_row(self, name: str, kind: str, path: Path, example: Tensor) -> ResultRow:
         loaded = load_artifact(path)
         forward: Callable[[Tensor], Tensor] = loaded.module
-        if self.config.evaluation.compile:
-            forward = compile_artifact(loaded.module)
+        runtime = "eager"
+        if self.config.evaluation.compile and not signed_int8_activations(loaded.module):
+            forward, runtime = compile_artifact(loaded.module), "inductor"
         latency = self._latencies(forward, example)
         return ResultRow(
             name=name,
@@ -415,7 +427,7 @@ class Pipeline:
             bytes=path.stat().st_size,
             latency_b1_ms=latency.get(1),
             latency_b64_ms=latency.get(64),
-            extra={"steps": list(loaded.metadata.steps), "dtype": loaded.metadata.dtype},
+            extra={"steps": list(loaded.metadata.steps), "dtype": loaded.metadata.dtype, "runtime": runtime},
         )
 
     def evaluate(self) -> list[ResultRow]:
@@ -431,6 +443,8 @@ class Pipeline:
             moe = load_moe(self.run_dir / run.key / "moe.ckpt").eval()
             if self.config.evaluation.compile:
                 moe.compile_experts_()
+            compiled = [r.compiled is not None for r in moe.expert_records]
+            runtime = "inductor" if all(compiled) else "eager" if not any(compiled) else "inductor and eager"
             accuracy = self._accuracy(moe)
             stats = moe.routing_statistics(torch.cat([x for x, _ in self._test_batches]))
             latency = self._latencies(moe, example)
@@ -444,7 +458,12 @@ class Pipeline:
                     bytes=moe.total_bytes(),
                     latency_b1_ms=latency.get(1),
                     latency_b64_ms=latency.get(64),
-                    extra={"expert_load": stats["expert_load"], "top_k": run.k, "variant": run.variant},
+                    extra={
+                        "expert_load": stats["expert_load"],
+                        "top_k": run.k,
+                        "variant": run.variant,
+                        "runtime": runtime,
+                    },
                 )
             )
         return rows

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_hybridcomp import _executorch
+from lightning_hybridcomp.artifacts import compile_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.data import DigitsDataModule
@@ -151,6 +152,19 @@ def test_pruned_xnnpack_qat_program_matches_the_converted_model(
     assert torch.equal(program(test_images[:1]), program(test_images[:1]))
 
 
+def test_inductor_refuses_xnnpack_int8_and_the_moe_keeps_such_experts_eager(
+    int8: SimpleNamespace, fp32: SimpleNamespace, test_images: Tensor
+) -> None:
+    # Inductor's x86 int8 kernels take uint8 activations; XNNPACK's scheme quantizes them to int8.
+    with pytest.raises(ValueError, match=r"signed int8 .* inductor's x86 int8 kernels cannot run"):
+        compile_artifact(int8.model.net)
+    moe = MoELightningModule([int8.root / "model.pt2", fp32.net], top_k=2, input_shape=[1, IMAGE, IMAGE])
+    moe.eval().compile_experts_()
+    assert [r.compiled is not None for r in moe.expert_records] == [False, True]
+    with torch.no_grad():
+        assert moe(test_images[:8]).shape == (8, 10)
+
+
 def test_xnnpack_checkpoint_rebuilds_for_predict(
     int8: SimpleNamespace, digits: DigitsDataModule, tmp_path: Path
 ) -> None:
@@ -169,6 +183,38 @@ def test_xnnpack_checkpoint_rebuilds_for_predict(
         expected = int8.model(x)
     assert callbacks[1].stage == "converted"  # type: ignore[attr-defined]
     torch.testing.assert_close(torch.cat(predicted), expected)  # type: ignore[arg-type]
+
+
+def _edge_callbacks() -> list[Any]:
+    return [
+        StructuredPruning(pruning_ratio=0.5, iterative_steps=1, start_epoch=0, verbose=False),
+        QuantizationAwareTraining(backend="xnnpack", start_epoch=1, verbose=False),
+    ]
+
+
+@pytest.mark.parametrize(("name", "stage"), [("epoch=0", "float"), ("epoch=1", "fake_quant")])
+def test_xnnpack_checkpoints_before_and_during_qat_validate_and_resume(
+    int8: SimpleNamespace, digits: DigitsDataModule, tmp_path: Path, name: str, stage: str
+) -> None:
+    # The x86_pt2e guarantees hold for xnnpack: validate from a checkpoint of any stage, resume mid-QAT.
+    checkpoint = torch.load(int8.root / f"{name}.ckpt", weights_only=True)
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("QuantizationAwareTraining"))
+    assert state["stage"] == stage
+    callbacks = _edge_callbacks()
+    images = torch.cat([x for x, _ in digits.test_dataloader()])[:32]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=32)
+    predicted = fast_trainer(tmp_path / "predict", callbacks=callbacks).predict(
+        EdgeCNN(), loader, ckpt_path=int8.root / f"{name}.ckpt"
+    )
+    assert callbacks[1].stage == ("float" if stage == "float" else "converted")
+    assert torch.cat(predicted).shape == (32, 10)  # type: ignore[arg-type]
+    callbacks = _edge_callbacks()
+    model = EdgeCNN()
+    flags = {"limit_train_batches": 3, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    trainer = fast_trainer(tmp_path / "fit", max_epochs=3, callbacks=callbacks, **flags)
+    trainer.fit(model, digits, ckpt_path=int8.root / f"{name}.ckpt")
+    assert callbacks[1].stage == "converted" and callbacks[1]._started_at == 1  # type: ignore[attr-defined]
+    assert any(t.dtype == torch.int8 for t in model.net.state_dict().values())
 
 
 def test_moe_program_predicts_what_the_module_predicts(

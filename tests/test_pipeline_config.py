@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from lightning_hybridcomp.pipeline_config import (
@@ -14,6 +16,11 @@ def test_defaults_are_the_embedded_run() -> None:
     assert config.data.class_path == "lightning_hybridcomp.data.DigitsDataModule"
     assert config.baseline.model.class_path == "lightning_hybridcomp.models.ImageClassifier"
     assert len(config.experts) >= 2 and config.moe.top_k == [1, 2]
+    # XNNPACK int8 experts for the edge runtime when ExecuTorch is installed, else x86 int8 for inductor.
+    edge = importlib.util.find_spec("executorch") is not None
+    assert {e.quantization["backend"] for e in config.experts if e.quantization} == {
+        "xnnpack" if edge else "x86_pt2e"
+    }
 
 
 def test_fingerprint_ignores_run_dir_only() -> None:

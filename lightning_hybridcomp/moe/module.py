@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 from typing_extensions import override
 
+from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
 from lightning_hybridcomp._validation import expect_int, is_int, is_number
@@ -381,12 +382,17 @@ class MoELightningModule(pl.LightningModule):
         change. This is what makes int8 experts fast on CPU. Sub-batches are padded to the next power of
         two (:class:`~lightning_hybridcomp.moe.dispatch.BucketedExpert`), so each expert compiles once per
         bucket (at most ``log2(B) + 1`` times for batches of ``B``) instead of once per sub-batch size.
+        Experts quantized with XNNPACK's scheme (signed int8 activations), which inductor's x86 int8
+        kernels cannot run, stay eager (their ``compiled`` stays ``None``); ExecuTorch runs them fast.
 
         Returns:
             The MoE itself.
         """
         self._records = [
-            replace(r, compiled=BucketedExpert(compile_artifact(r.module))) for r in self._records
+            r
+            if signed_int8_activations(r.module)
+            else replace(r, compiled=BucketedExpert(compile_artifact(r.module)))
+            for r in self._records
         ]
         return self
 
