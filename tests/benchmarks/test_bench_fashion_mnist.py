@@ -49,7 +49,8 @@ def test_fashion_mnist_benchmark_puts_the_method_beside_its_anchors(tmp_path: Pa
     )  # fmt: skip
     rows = {row["name"]: row for row in figures["rows"]}
     names = set(rows)
-    assert {"baseline", "moe-k1", "moe-k2", "post-training int8", "torch-pruning loop (fp32)"} <= names
+    assert {"baseline", "moe-k1", "moe-k2", "moe-k1-tuned", "moe-k2-tuned"} <= names
+    assert {"post-training int8", "torch-pruning loop (fp32)"} <= names
     assert any(n.startswith("ModelPruning") for n in names) and any(
         n.startswith("best single") for n in names
     )
