@@ -164,13 +164,20 @@ def sparse_dispatch(
     """
     routed = gating.indices if keep is None else gating.indices.masked_fill(~keep, -1)
     batch, k = gating.indices.shape
-    slot_probs = x.new_zeros(batch, k, num_classes, dtype=torch.float32)
-    counts = torch.bincount(routed[routed >= 0], minlength=len(experts))
-    for expert, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        rows, slots = (routed == expert).nonzero(as_tuple=True)
-        slot_probs[rows, slots] = experts[expert](x[rows]).float().softmax(dim=-1)
+    if batch == 1 and keep is None:
+        # One image (the edge device's case): its k experts in turn, without grouping a batch. The same
+        # values as the general path, which would run each of them on this one image too.
+        chosen = routed[0].tolist()
+        slot_probs = torch.stack([experts[e](x).float().softmax(dim=-1) for e in chosen], dim=1)
+        counts = torch.bincount(routed[0], minlength=len(experts))
+    else:
+        slot_probs = x.new_zeros(batch, k, num_classes, dtype=torch.float32)
+        counts = torch.bincount(routed[routed >= 0], minlength=len(experts))
+        for expert, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            rows, slots = (routed == expert).nonzero(as_tuple=True)
+            slot_probs[rows, slots] = experts[expert](x[rows]).float().softmax(dim=-1)
     if keep is None:
         keep = torch.ones_like(gating.indices, dtype=torch.bool)
     probs = mix_expert_probabilities(slot_probs, gating.weights, keep, normalise=normalise)

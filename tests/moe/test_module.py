@@ -140,11 +140,12 @@ def fitted(experts, digits) -> tuple[MoELightningModule, pl.Trainer]:
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("training", [False, True])
-def test_sparse_dispatch_equals_dense_reference(k, training):
+@pytest.mark.parametrize("batch", [16, 1])  # one image takes its own path: no grouping of a batch
+def test_sparse_dispatch_equals_dense_reference(k, training, batch):
     moe = MoELightningModule(_random_experts(), top_k=k, input_shape=IMAGE)
     _randomise_gate_(moe)
     moe.train(training)
-    x = torch.randn(16, *IMAGE)
+    x = torch.randn(batch, *IMAGE)
     calls: dict[int, list[Tensor]] = {i: [] for i in range(3)}
     hooks = [
         expert.register_forward_hook(lambda m, args, out, i=i: calls[i].append(args[0]))
