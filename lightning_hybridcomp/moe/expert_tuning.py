@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.fx import GraphModule
+from typing_extensions import Self
 
-from lightning_hybridcomp._lightning import broadcast_tensors_
+from lightning_hybridcomp._lightning import broadcast_tensors_, training_mode
 from lightning_hybridcomp.callbacks.qat_backends import QuantizationBackend, make_backend
 from lightning_hybridcomp.moe.experts import Expert, ExpertSource, build_expert, stored_program
 from lightning_hybridcomp.programs import export_for_artifact
@@ -31,6 +33,7 @@ from lightning_hybridcomp.programs import export_for_artifact
 __all__ = [
     "EXPERT_STAGES",
     "QUANTIZE_EXPERT_BACKENDS",
+    "ExpertStages",
     "check_quantize_experts",
     "convert_experts",
     "prepare_experts",
@@ -121,3 +124,97 @@ def convert_experts(records: Sequence[Expert], backend_name: str, shape: tuple[i
 def _device(record: Expert) -> torch.device:
     tensors = [*record.module.parameters(), *record.module.buffers()]
     return tensors[0].device if tensors else torch.device("cpu")
+
+
+class ExpertStages:
+    """The ``quantize_experts`` life cycle of a ``MoELightningModule``'s experts, mixed into the module.
+
+    ``"float"`` until ``setup("fit")`` prepares them, ``"fake_quant"`` while that fit trains them, and
+    ``"converted"`` from its end (or from a ``validate``/``test``/``predict`` given a fake-quant checkpoint).
+    """
+
+    _expert_stage: str = "float"
+
+    if TYPE_CHECKING:
+        import lightning.pytorch as pl
+
+        _records: list[Expert]
+        hparams: Any
+        trainer: pl.Trainer
+
+        def _set_records(self, records: list[Expert]) -> None: ...
+
+    @property
+    def expert_stage(self) -> str:
+        """``"float"``, ``"fake_quant"`` or ``"converted"``: where ``quantize_experts`` has taken the experts."""
+        return self._expert_stage
+
+    def convert_experts_(self) -> Self:
+        """Convert the fake-quant experts to int8 programs now, in place (the end of ``fit`` does it).
+
+        Returns:
+            The MoE itself.
+
+        Raises:
+            RuntimeError: if the experts are not in fake-quant form (``expert_stage != "fake_quant"``).
+        """
+        if self._expert_stage != "fake_quant":
+            raise RuntimeError(
+                f"Expected fake-quant experts to convert, but `expert_stage` is {self._expert_stage!r}: only"
+                " a MoE with `quantize_experts` has them, from `setup('fit')` until its fit ends."
+            )
+        shape = tuple(self.hparams["input_shape"])
+        with training_mode(self, False):  # type: ignore[arg-type]
+            self._set_records(convert_experts(self._records, self.hparams["quantize_experts"], shape))
+        self._expert_stage = "converted"
+        return self
+
+    def _prepare_experts(self) -> None:
+        backend = self.hparams["quantize_experts"]
+        if backend is None:
+            raise RuntimeError(
+                "The checkpoint holds fake-quant experts; build the MoE with the `quantize_experts` backend"
+                " it was trained with, or load it with `load_moe(path)`."
+            )
+        trainable = not self.hparams["freeze_experts"]
+        self._set_records(
+            prepare_experts(self._records, backend, tuple(self.hparams["input_shape"]), trainable=trainable)
+        )
+        self._expert_stage = "fake_quant"
+
+    def _prepare_experts_for_fit(self) -> None:
+        # From `setup("fit")`: before the optimizer and DDP are set up, so both see the fake-quant parameters.
+        if self.hparams["quantize_experts"] is not None and self._expert_stage == "float":
+            self._prepare_experts()
+
+    def _refuse_converted_checkpoint(self, stage: str) -> None:
+        if stage == "converted" and self._expert_stage == "fake_quant":
+            raise RuntimeError(
+                "The checkpoint's experts were converted to int8 when its fit ended, so this fit cannot resume"
+                " from it; evaluate it with `load_moe(path)` or `Trainer.test(ckpt_path=...)` instead."
+            )
+
+    def _restore_expert_stage(self, stage: str) -> None:
+        """Take the experts to the checkpoint's ``stage`` before its ``state_dict`` is loaded."""
+        if stage == "converted":
+            self._expert_stage = "converted"  # built from the checkpoint's int8 programs
+        elif stage == "fake_quant" and self._expert_stage == "float":
+            self._prepare_experts()  # the state_dict loaded next holds the fake-quant weights and observers
+
+    def on_fit_end(self) -> None:
+        if self._expert_stage == "fake_quant":
+            self.convert_experts_()
+
+    def _convert_outside_fit(self) -> None:
+        # A fake-quant checkpoint given to validate/test/predict runs as the int8 MoE its fit would end in.
+        if self._expert_stage == "fake_quant" and self.trainer.state.fn != TrainerFn.FITTING:
+            self.convert_experts_()
+
+    def on_validation_start(self) -> None:
+        self._convert_outside_fit()
+
+    def on_test_start(self) -> None:
+        self._convert_outside_fit()
+
+    def on_predict_start(self) -> None:
+        self._convert_outside_fit()

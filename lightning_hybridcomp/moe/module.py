@@ -7,7 +7,6 @@ construction (:mod:`~lightning_hybridcomp.moe.experts`), so a trained MoE checkp
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,7 +16,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.export import ExportedProgram
@@ -26,8 +24,9 @@ from typing_extensions import override
 from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
-from lightning_hybridcomp._validation import expect_int, is_int, is_number
+from lightning_hybridcomp._validation import expect_int
 from lightning_hybridcomp.artifacts import compile_artifact
+from lightning_hybridcomp.moe._arguments import check_expert_count, check_moe_arguments, check_top_k
 from lightning_hybridcomp.moe.checkpoint import (
     CHECKPOINT_KEY,
     check_same_experts,
@@ -43,9 +42,8 @@ from lightning_hybridcomp.moe.dispatch import (
     log_mixture,
     sparse_dispatch,
 )
-from lightning_hybridcomp.moe.expert_tuning import check_quantize_experts, convert_experts, prepare_experts
+from lightning_hybridcomp.moe.expert_tuning import ExpertStages, check_quantize_experts
 from lightning_hybridcomp.moe.experts import (
-    EXPERT_FORMATS,
     Expert,
     ExpertSource,
     build_expert,
@@ -76,20 +74,7 @@ from lightning_hybridcomp.profiling import serialized_size
 __all__ = ["DispatchResult", "MoELightningModule", "load_moe"]
 
 
-def _check_non_negative(value: Any, name: str) -> None:
-    if not is_number(value) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"Expected `{name}` to be a non-negative finite float, got {value!r}.")
-
-
-def _check_expert_count(value: Any, name: str, num_experts: int | None) -> None:
-    """An integer in ``[1, num_experts]`` (``>= 1`` while the number of experts is not known)."""
-    if num_experts is None:
-        expect_int(value, name, low=1)
-    elif not is_int(value) or not 1 <= value <= num_experts:
-        raise ValueError(f"Expected `{name}` to be an integer in [1, {num_experts}], got {value!r}.")
-
-
-class MoELightningModule(pl.LightningModule):
+class MoELightningModule(ExpertStages, pl.LightningModule):
     r"""Mixture of Experts over whole classifiers: a small gate picks the top-k experts for each image.
 
     Only the chosen experts run on an image (each expert runs once per batch, on exactly the samples
@@ -199,32 +184,21 @@ class MoELightningModule(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        if experts is not None and (
-            isinstance(experts, (str, os.PathLike, nn.Module)) or not isinstance(experts, Sequence)
-        ):
-            raise TypeError(
-                f"Expected `experts` to be a list of experts ({EXPERT_FORMATS}), got {type(experts).__name__}."
-            )
-        if experts is not None and len(experts) < 2:
-            raise ValueError(
-                f"Expected `experts` to hold at least two experts, got {len(experts)}. A single model needs no gate."
-            )
-        num_experts = None if experts is None else len(experts)
-        self._check_top_k(top_k, eval_top_k, num_experts)
-        for name, value in (
-            ("balance_coefficient", balance_coefficient),
-            ("importance_coefficient", importance_coefficient),
-            ("z_loss_coefficient", z_loss_coefficient),
-            ("assignment_coefficient", assignment_coefficient),
-            ("weight_decay", weight_decay),
-        ):
-            _check_non_negative(value, name)
-        if not (is_number(learning_rate) and learning_rate > 0):
-            raise ValueError(f"Expected `learning_rate` to be a positive float, got {learning_rate!r}.")
-        if capacity_factor is not None and not (is_number(capacity_factor) and capacity_factor > 0):
-            raise ValueError(
-                f"Expected `capacity_factor` to be a positive float or None (no limit), got {capacity_factor!r}."
-            )
+        num_experts = check_moe_arguments(
+            experts,
+            top_k=top_k,
+            eval_top_k=eval_top_k,
+            coefficients={
+                "balance_coefficient": balance_coefficient,
+                "importance_coefficient": importance_coefficient,
+                "z_loss_coefficient": z_loss_coefficient,
+                "assignment_coefficient": assignment_coefficient,
+                "weight_decay": weight_decay,
+            },
+            learning_rate=learning_rate,
+            capacity_factor=capacity_factor,
+            input_shape=input_shape,
+        )
         expect_int(gate_channels, "gate_channels", low=1)
         quantize_experts = check_quantize_experts(quantize_experts)
         expect_int(gate_input_size, "gate_input_size", low=1, optional=True)
@@ -232,15 +206,6 @@ class MoELightningModule(pl.LightningModule):
         if not (experts is None and gate == "module"):
             feature_expert_index(gate, num_experts)
         check_gate_options(gate, gate_channels=gate_channels, gate_input_size=gate_input_size)
-        if input_shape is not None and (
-            not isinstance(input_shape, Sequence)
-            or not input_shape
-            or not all(is_int(s) and s > 0 for s in input_shape)
-        ):
-            raise ValueError(
-                f"Expected `input_shape` to be a list of positive integers without the batch dimension, e.g."
-                f" [1, 16, 16], got {input_shape!r}."
-            )
 
         self.save_hyperparameters(ignore=["experts", "gate"])
         self.hparams.update(gate_hyperparameters(gate))
@@ -274,7 +239,7 @@ class MoELightningModule(pl.LightningModule):
     def _build(self, sources: list[ExpertSource], gate: str | nn.Module | ExportedProgram) -> None:
         """Build the experts and the gate: from the constructor, or from a checkpoint's stored experts."""
         num_experts = len(sources)
-        self._check_top_k(self.top_k, self.eval_top_k, num_experts)
+        check_top_k(self.top_k, self.eval_top_k, num_experts)
         feature_expert_index(gate, num_experts)
         shape = resolve_input_shape(sources, self.hparams["input_shape"])
         if gate == "cnn" and len(shape) != 3:
@@ -317,12 +282,6 @@ class MoELightningModule(pl.LightningModule):
         self._records = records
         # Registers the records' graphs, so that parameters, devices and the state_dict follow them.
         self.experts = nn.ModuleList([r.module for r in records])
-
-    @staticmethod
-    def _check_top_k(top_k: Any, eval_top_k: Any, num_experts: int | None) -> None:
-        _check_expert_count(top_k, "top_k", num_experts)
-        if eval_top_k is not None:
-            _check_expert_count(eval_top_k, "eval_top_k", num_experts)
 
     def _require_built(self) -> None:
         if not self._records:
@@ -397,44 +356,6 @@ class MoELightningModule(pl.LightningModule):
         return self
 
     @property
-    def expert_stage(self) -> str:
-        """``"float"``, ``"fake_quant"`` or ``"converted"``: where ``quantize_experts`` has taken the experts."""
-        return self._expert_stage
-
-    def _prepare_experts(self) -> None:
-        backend = self.hparams["quantize_experts"]
-        if backend is None:
-            raise RuntimeError(
-                "The checkpoint holds fake-quant experts; build the MoE with the `quantize_experts` backend"
-                " it was trained with, or load it with `load_moe(path)`."
-            )
-        trainable = not self.hparams["freeze_experts"]
-        self._set_records(
-            prepare_experts(self._records, backend, tuple(self.hparams["input_shape"]), trainable=trainable)
-        )
-        self._expert_stage = "fake_quant"
-
-    def convert_experts_(self) -> MoELightningModule:
-        """Convert the fake-quant experts to int8 programs now, in place (the end of ``fit`` does it).
-
-        Returns:
-            The MoE itself.
-
-        Raises:
-            RuntimeError: if the experts are not in fake-quant form (``expert_stage != "fake_quant"``).
-        """
-        if self._expert_stage != "fake_quant":
-            raise RuntimeError(
-                f"Expected fake-quant experts to convert, but `expert_stage` is {self._expert_stage!r}: only"
-                " a MoE with `quantize_experts` has them, from `setup('fit')` until its fit ends."
-            )
-        shape = tuple(self.hparams["input_shape"])
-        with training_mode(self, False):
-            self._set_records(convert_experts(self._records, self.hparams["quantize_experts"], shape))
-        self._expert_stage = "converted"
-        return self
-
-    @property
     def gate_macs(self) -> int:
         """MACs per sample of the gate in eval mode (``profiling.count_macs``)."""
         return self._gate_macs
@@ -447,7 +368,7 @@ class MoELightningModule(pl.LightningModule):
     @eval_top_k.setter
     def eval_top_k(self, value: int | None) -> None:
         if value is not None:
-            _check_expert_count(value, "eval_top_k", self.num_experts)
+            check_expert_count(value, "eval_top_k", self.num_experts)
         self._eval_top_k = value
         self.hparams["eval_top_k"] = value  # so checkpoints and load_moe route the same way
 
@@ -514,31 +435,8 @@ class MoELightningModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self._require_built()
-        if stage == "fit" and self.hparams["quantize_experts"] is not None and self._expert_stage == "float":
-            # Before the optimizer and DDP are set up, so both see the fake-quant experts' parameters.
-            self._prepare_experts()
-
-    @override
-    def on_fit_end(self) -> None:
-        if self._expert_stage == "fake_quant":
-            self.convert_experts_()
-
-    def _convert_outside_fit(self) -> None:
-        # A fake-quant checkpoint given to validate/test/predict runs as the int8 MoE its fit would end in.
-        if self._expert_stage == "fake_quant" and self.trainer.state.fn != TrainerFn.FITTING:
-            self.convert_experts_()
-
-    @override
-    def on_validation_start(self) -> None:
-        self._convert_outside_fit()
-
-    @override
-    def on_test_start(self) -> None:
-        self._convert_outside_fit()
-
-    @override
-    def on_predict_start(self) -> None:
-        self._convert_outside_fit()
+        if stage == "fit":
+            self._prepare_experts_for_fit()
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -669,16 +567,9 @@ class MoELightningModule(pl.LightningModule):
             # programs are the experts (and the stored gate module, if the MoE was trained with one).
             stored = read_moe_entry(checkpoint, "the checkpoint")
             self._build(stored.experts, stored.gate_argument(self._unbuilt_gate[0], "The checkpoint"))
-        if stage == "converted" and self._expert_stage == "fake_quant":
-            raise RuntimeError(
-                "The checkpoint's experts were converted to int8 when its fit ended, so this fit cannot resume"
-                " from it; evaluate it with `load_moe(path)` or `Trainer.test(ckpt_path=...)` instead."
-            )
+        self._refuse_converted_checkpoint(stage)
         check_same_experts(checkpoint, self._records)
-        if stage == "converted":
-            self._expert_stage = "converted"  # built from the checkpoint's int8 programs
-        elif stage == "fake_quant" and self._expert_stage == "float":
-            self._prepare_experts()  # the state_dict loaded next holds the fake-quant weights and observers
+        self._restore_expert_stage(stage)
 
 
 def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> MoELightningModule:

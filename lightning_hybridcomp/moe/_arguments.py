@@ -1,0 +1,79 @@
+"""The argument checks of ``MoELightningModule``: each bad value gets a message naming it, before anything is built."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_hybridcomp._validation import expect_int, is_int, is_number
+from lightning_hybridcomp.moe.experts import EXPERT_FORMATS
+
+__all__ = ["check_expert_count", "check_moe_arguments", "check_top_k"]
+
+
+def check_expert_count(value: Any, name: str, num_experts: int | None) -> None:
+    """An integer in ``[1, num_experts]`` (``>= 1`` while the number of experts is not known)."""
+    if num_experts is None:
+        expect_int(value, name, low=1)
+    elif not is_int(value) or not 1 <= value <= num_experts:
+        raise ValueError(f"Expected `{name}` to be an integer in [1, {num_experts}], got {value!r}.")
+
+
+def check_top_k(top_k: Any, eval_top_k: Any, num_experts: int | None) -> None:
+    """``top_k`` and (unless ``None``) ``eval_top_k`` within ``[1, num_experts]``."""
+    check_expert_count(top_k, "top_k", num_experts)
+    if eval_top_k is not None:
+        check_expert_count(eval_top_k, "eval_top_k", num_experts)
+
+
+def check_moe_arguments(
+    experts: Any,
+    *,
+    top_k: Any,
+    eval_top_k: Any,
+    coefficients: Mapping[str, Any],
+    learning_rate: Any,
+    capacity_factor: Any,
+    input_shape: Any,
+) -> int | None:
+    """Check the constructor's plain arguments; returns the number of experts (``None`` without experts).
+
+    Raises:
+        TypeError: if ``experts`` is not a list.
+        ValueError: naming the first argument out of range.
+    """
+    if experts is not None and (
+        isinstance(experts, (str, os.PathLike, nn.Module)) or not isinstance(experts, Sequence)
+    ):
+        raise TypeError(
+            f"Expected `experts` to be a list of experts ({EXPERT_FORMATS}), got {type(experts).__name__}."
+        )
+    if experts is not None and len(experts) < 2:
+        raise ValueError(
+            f"Expected `experts` to hold at least two experts, got {len(experts)}. A single model needs no gate."
+        )
+    num_experts = None if experts is None else len(experts)
+    check_top_k(top_k, eval_top_k, num_experts)
+    for name, value in coefficients.items():
+        if not is_number(value) or not value >= 0 or math.isinf(value):
+            raise ValueError(f"Expected `{name}` to be a non-negative finite float, got {value!r}.")
+    if not (is_number(learning_rate) and learning_rate > 0):
+        raise ValueError(f"Expected `learning_rate` to be a positive float, got {learning_rate!r}.")
+    if capacity_factor is not None and not (is_number(capacity_factor) and capacity_factor > 0):
+        raise ValueError(
+            f"Expected `capacity_factor` to be a positive float or None (no limit), got {capacity_factor!r}."
+        )
+    if input_shape is not None and (
+        not isinstance(input_shape, Sequence)
+        or not input_shape
+        or not all(is_int(s) and s > 0 for s in input_shape)
+    ):
+        raise ValueError(
+            "Expected `input_shape` to be a list of positive integers without the batch dimension, e.g."
+            f" [1, 16, 16], got {input_shape!r}."
+        )
+    return num_experts
