@@ -171,6 +171,12 @@ def main() -> None:
         help="override a config entry, e.g. --set baseline.max_epochs=1 (YAML values)",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--no-anchors",
+        dest="anchors",
+        action="store_false",
+        help="only the pipeline's rows (a later run with anchors reuses the finished pipeline)",
+    )
     add_out_argument(parser, "benchmarks/results/bench_fashion_mnist.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -216,54 +222,56 @@ def main() -> None:
         ResultRow(**{**vars(best), "name": f"best single expert ({best.name})", "kind": "expert-best"})
     )
 
-    anchor_epochs = max(expert_epochs.values())
-    limit = config.trainer.get("limit_train_batches", 1.0)
-    trainer_flags = {"limit_train_batches": limit, "limit_val_batches": 0, "num_sanity_val_steps": 0}
-    batches = pipeline._test_batches
-    example = batches[0][0][:1]
-    mean_macs = sum(r.macs for r in experts) / len(experts)
-    sparsity = 1 - sum(r.params for r in experts) / len(experts) / baseline.params
-    anchor_rows: list[ResultRow] = []
+    if args.anchors:
+        # Trained from the same baseline weights, on the same data, with one expert's fine-tuning budget.
+        anchor_epochs = max(expert_epochs.values())
+        limit = config.trainer.get("limit_train_batches", 1.0)
+        trainer_flags = {"limit_train_batches": limit, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+        batches = pipeline._test_batches
+        example = batches[0][0][:1]
+        mean_macs = sum(r.macs for r in experts) / len(experts)
+        sparsity = 1 - sum(r.params for r in experts) / len(experts) / baseline.params
+        anchor_rows: list[ResultRow] = []
 
-    masked = _model_pruning(pipeline, sparsity, anchor_epochs, trainer_flags)
-    macs, params = count_macs_and_params(masked.net, example)
-    anchor_rows.append(
-        ResultRow(
-            f"ModelPruning l1 {sparsity:.0%} masked",
-            "anchor",
-            _accuracy(masked.net, batches),
-            params,
-            float(macs),
-            _bytes(masked.net, example, []),
-            extra={"epochs": base_epochs + anchor_epochs, "sparsity": sparsity},
+        masked = _model_pruning(pipeline, sparsity, anchor_epochs, trainer_flags)
+        macs, params = count_macs_and_params(masked.net, example)
+        anchor_rows.append(
+            ResultRow(
+                f"ModelPruning l1 {sparsity:.0%} masked",
+                "anchor",
+                _accuracy(masked.net, batches),
+                params,
+                float(macs),
+                _bytes(masked.net, example, []),
+                extra={"epochs": base_epochs + anchor_epochs, "sparsity": sparsity},
+            )
         )
-    )
-    pruned = _torch_pruning_loop(pipeline, mean_macs, anchor_epochs, limit, example)
-    macs, params = count_macs_and_params(pruned, example)
-    anchor_rows.append(
-        ResultRow(
-            "torch-pruning loop (fp32)",
-            "anchor",
-            _accuracy(pruned, batches),
-            params,
-            float(macs),
-            _bytes(pruned, example, ["prune:l2"]),
-            extra={"epochs": base_epochs + anchor_epochs},
+        pruned = _torch_pruning_loop(pipeline, mean_macs, anchor_epochs, limit, example)
+        macs, params = count_macs_and_params(pruned, example)
+        anchor_rows.append(
+            ResultRow(
+                "torch-pruning loop (fp32)",
+                "anchor",
+                _accuracy(pruned, batches),
+                params,
+                float(macs),
+                _bytes(pruned, example, ["prune:l2"]),
+                extra={"epochs": base_epochs + anchor_epochs},
+            )
         )
-    )
-    ptq = _post_training_int8(pipeline, batches=16)
-    anchor_rows.append(
-        ResultRow(
-            "post-training int8",
-            "anchor",
-            _accuracy(ptq, batches),
-            baseline.params,
-            baseline.macs,
-            _bytes(ptq, example, ["ptq:x86_pt2e"]),
-            extra={"epochs": base_epochs},
+        ptq = _post_training_int8(pipeline, batches=16)
+        anchor_rows.append(
+            ResultRow(
+                "post-training int8",
+                "anchor",
+                _accuracy(ptq, batches),
+                baseline.params,
+                baseline.macs,
+                _bytes(ptq, example, ["ptq:x86_pt2e"]),
+                extra={"epochs": base_epochs},
+            )
         )
-    )
-    rows.extend(anchor_rows)
+        rows.extend(anchor_rows)
 
     out_dir = args.out.parent
     write_report(out_dir / "fashion_mnist_report", rows, header="Fashion-MNIST test split", metadata={})
