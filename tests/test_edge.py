@@ -193,10 +193,10 @@ def _edge_callbacks() -> list[Any]:
 
 
 @pytest.mark.parametrize(("name", "stage"), [("epoch=0", "float"), ("epoch=1", "fake_quant")])
-def test_xnnpack_checkpoints_before_and_during_qat_validate_and_resume(
+def test_xnnpack_checkpoints_before_and_during_qat_predict_and_resume(
     int8: SimpleNamespace, digits: DigitsDataModule, tmp_path: Path, name: str, stage: str
 ) -> None:
-    # The x86_pt2e guarantees hold for xnnpack: validate from a checkpoint of any stage, resume mid-QAT.
+    # The x86_pt2e guarantees hold for xnnpack: predict from a checkpoint of any stage, resume mid-QAT.
     checkpoint = torch.load(int8.root / f"{name}.ckpt", weights_only=True)
     state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("QuantizationAwareTraining"))
     assert state["stage"] == stage
@@ -208,9 +208,11 @@ def test_xnnpack_checkpoints_before_and_during_qat_validate_and_resume(
     )
     assert callbacks[1].stage == ("float" if stage == "float" else "converted")
     assert torch.cat(predicted).shape == (32, 10)  # type: ignore[arg-type]
+    if stage == "float":
+        return  # resuming before QAT is a fit that inserts it, as every fresh fit does
     callbacks = _edge_callbacks()
     model = EdgeCNN()
-    flags = {"limit_train_batches": 3, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    flags = {"limit_train_batches": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0}
     trainer = fast_trainer(tmp_path / "fit", max_epochs=3, callbacks=callbacks, **flags)
     trainer.fit(model, digits, ckpt_path=int8.root / f"{name}.ckpt")
     assert callbacks[1].stage == "converted" and callbacks[1]._started_at == 1  # type: ignore[attr-defined]

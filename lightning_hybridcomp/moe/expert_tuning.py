@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 from typing_extensions import Self
 
 from lightning_hybridcomp._lightning import broadcast_tensors_, training_mode
+from lightning_hybridcomp.artifacts import build_artifact
 from lightning_hybridcomp.callbacks.qat_backends import QuantizationBackend, make_backend
 from lightning_hybridcomp.moe.experts import Expert, ExpertSource, build_expert, stored_program
 from lightning_hybridcomp.programs import export_for_artifact
@@ -115,8 +116,19 @@ def convert_experts(records: Sequence[Expert], backend_name: str, shape: tuple[i
     for record in records:
         broadcast_tensors_(record.module)
         device = _device(record)
-        program = export_for_artifact(backend.convert(record.module).to("cpu"), torch.zeros(2, *shape))
-        expert = build_expert(ExpertSource(name=record.name, program=program, quantized=True), shape)
+        network = backend.convert(record.module).to("cpu")
+        example = torch.zeros(2, *shape)
+        # Measured as an artifact file, like the int8 experts the MoE loads from `.pt2` files.
+        _, figures = build_artifact(network, example, architecture=record.name)
+        source = ExpertSource(
+            name=record.name,
+            program=export_for_artifact(network, example),
+            macs=figures.macs,
+            params=figures.params,
+            size_bytes=figures.size_bytes,
+            quantized=True,
+        )
+        expert = build_expert(source, shape)
         converted.append(replace(expert, module=expert.module.to(device)))
     return converted
 
