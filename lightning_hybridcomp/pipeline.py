@@ -34,6 +34,7 @@ from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, rea
 from lightning_hybridcomp._lightning import PhaseProgress, completed_epochs, inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
+from lightning_hybridcomp.callbacks.qat_backends import PT2E_BACKENDS
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.pipeline_checks import check_pipeline
 from lightning_hybridcomp.pipeline_config import (
@@ -316,15 +317,14 @@ class Pipeline:
         artifact = folder / "expert.pt2"
 
         def write() -> dict[str, Any]:
+            steps = [pruning.step_label] if pruning is not None else []
             if quantization is not None:
                 meta = quantization.save_artifact(artifact)
-                if quantization.float_network is not None and quantization.backend in ("x86_pt2e", "xnnpack"):
+                if quantization.float_network is not None and quantization.backend in PT2E_BACKENDS:
                     # The fp32 twin of the int8 expert (the weights QAT trained), for a "tuned" MoE.
-                    steps = [pruning.step_label] if pruning is not None else []
                     network = quantization.float_network.cpu().eval()
                     save_artifact(network, folder / FLOAT_ARTIFACT, self._example_inputs(model), steps=steps)
             else:
-                steps = [pruning.step_label] if pruning is not None else []
                 meta = save_artifact(model.cpu().eval(), artifact, self._example_inputs(model), steps=steps)
             return {"artifact": str(artifact), "macs": meta.macs, "steps": list(meta.steps)}
 

@@ -210,14 +210,21 @@ class MoEConfig:
         return [MoERun(k, variant) for variant in self.variants for k in self.top_k]
 
 
+def _expert_backends(config: PipelineConfig) -> list[str | None]:
+    """Each expert's QAT backend (``QuantizationAwareTraining``'s default when unset), ``None`` for fp32."""
+    return [
+        None if e.quantization is None else str(e.quantization.get("backend", "x86_pt2e")).lower()
+        for e in config.experts
+    ]
+
+
 def tuned_backend(config: PipelineConfig) -> str | None:
     """The one PT2E QAT backend every expert uses, which a ``"tuned"`` MoE fine-tunes them with, else ``None``."""
-    backends = {
-        str((e.quantization or {}).get("backend", "x86_pt2e")).lower() if e.quantization is not None else None
-        for e in config.experts
-    }
+    from lightning_hybridcomp.callbacks.qat_backends import PT2E_BACKENDS  # torch: not at import time
+
+    backends = set(_expert_backends(config))
     backend = backends.pop() if len(backends) == 1 else None
-    return backend if backend in ("x86_pt2e", "xnnpack") else None
+    return backend if backend in PT2E_BACKENDS else None
 
 
 @dataclass
@@ -433,7 +440,7 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                 "moe.variants",
                 "Expected every expert to have `quantization` with one PT2E backend ('x86_pt2e' or 'xnnpack')"
                 " for the 'tuned' MoE, which fine-tunes their fp32 networks in fake-quant form, got backends"
-                f" {[(e.quantization or {}).get('backend', 'x86_pt2e') if e.quantization else None for e in config.experts]}.",
+                f" {_expert_backends(config)}.",
             )
         )
     sizes = config.evaluation.latency_batch_sizes

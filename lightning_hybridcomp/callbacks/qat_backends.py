@@ -30,7 +30,14 @@ from lightning_hybridcomp.programs import (
     strip_unused_attributes_,
 )
 
-__all__ = ["BACKENDS", "LinearInt8Backend", "PT2EBackend", "QuantizationBackend", "make_backend"]
+__all__ = [
+    "BACKENDS",
+    "PT2E_BACKENDS",
+    "LinearInt8Backend",
+    "PT2EBackend",
+    "QuantizationBackend",
+    "make_backend",
+]
 
 
 class QuantizationBackend:
@@ -386,6 +393,8 @@ def _sync_observers_hook(module: nn.Module, args: Any) -> None:
 
 #: Backend names, as ``QuantizationAwareTraining(backend=...)`` takes them.
 BACKENDS = ("x86_pt2e", "linear_int8", "xnnpack")
+#: The backends of the PT2E flow (conv nets; BatchNorm folding with ``prepare(fold_batch_norm=True)``).
+PT2E_BACKENDS = ("x86_pt2e", "xnnpack")
 
 
 def make_backend(name: str) -> QuantizationBackend:

@@ -25,11 +25,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.fx import GraphModule
 from typing_extensions import Self
 
-from lightning_hybridcomp._lightning import broadcast_tensors_, training_mode
+from lightning_hybridcomp._lightning import broadcast_tensors_, device_of, training_mode
 from lightning_hybridcomp.artifacts import build_artifact
-from lightning_hybridcomp.callbacks.qat_backends import QuantizationBackend, make_backend
+from lightning_hybridcomp.callbacks.qat_backends import PT2E_BACKENDS, QuantizationBackend, make_backend
 from lightning_hybridcomp.moe.experts import Expert, ExpertSource, build_expert, stored_program
-from lightning_hybridcomp.programs import export_for_artifact
+from lightning_hybridcomp.programs import load_checked_program
 
 __all__ = [
     "EXPERT_STAGES",
@@ -43,7 +43,7 @@ __all__ = [
 #: ``MoELightningModule.expert_stage`` values, in the order a fit goes through them.
 EXPERT_STAGES = ("float", "fake_quant", "converted")
 #: The QAT backends that can prepare a MoE's experts (conv nets, PT2E, BatchNorm folded).
-QUANTIZE_EXPERT_BACKENDS = ("x86_pt2e", "xnnpack")
+QUANTIZE_EXPERT_BACKENDS = PT2E_BACKENDS
 
 
 def check_quantize_experts(value: Any) -> str | None:
@@ -94,7 +94,7 @@ def prepare_experts(
 def _prepare(backend: QuantizationBackend, record: Expert, example: torch.Tensor) -> torch.nn.Module:
     # A fresh copy of the stored fp32 program. As a plain GraphModule: an exported program's module refuses
     # `.train()`/`.eval()`, which tracing at inference needs.
-    device = _device(record)
+    device = device_of(record.module)
     exported = stored_program(record.data, record.name).module()
     network = GraphModule(exported, exported.graph).to(device)
     try:
@@ -115,14 +115,13 @@ def convert_experts(records: Sequence[Expert], backend_name: str, shape: tuple[i
     converted = []
     for record in records:
         broadcast_tensors_(record.module)
-        device = _device(record)
+        device = device_of(record.module)
         network = backend.convert(record.module).to("cpu")
-        example = torch.zeros(2, *shape)
-        # Measured as an artifact file, like the int8 experts the MoE loads from `.pt2` files.
-        _, figures = build_artifact(network, example, architecture=record.name)
+        # Built and measured as an artifact file, like the int8 experts the MoE loads from `.pt2` files.
+        data, figures = build_artifact(network, torch.zeros(2, *shape), architecture=record.name)
         source = ExpertSource(
             name=record.name,
-            program=export_for_artifact(network, example),
+            program=load_checked_program(data, f"the int8 program of {record.name}"),
             macs=figures.macs,
             params=figures.params,
             size_bytes=figures.size_bytes,
@@ -131,11 +130,6 @@ def convert_experts(records: Sequence[Expert], backend_name: str, shape: tuple[i
         expert = build_expert(source, shape)
         converted.append(replace(expert, module=expert.module.to(device)))
     return converted
-
-
-def _device(record: Expert) -> torch.device:
-    tensors = [*record.module.parameters(), *record.module.buffers()]
-    return tensors[0].device if tensors else torch.device("cpu")
 
 
 class ExpertStages:

@@ -1,4 +1,9 @@
-"""Runs one benchmark script on a miniature budget and reads the JSON it writes."""
+"""Runs one benchmark script on a miniature budget and reads the JSON it writes.
+
+Each ``test_bench_*.py`` file runs one script this way: the run guards that the script keeps working and
+measures what it claims; the recorded figures in ``benchmarks/results`` come from the full budgets in the
+docs. One file per script, so that the two test workers share them out.
+"""
 
 from __future__ import annotations
 

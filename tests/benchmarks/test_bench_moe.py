@@ -1,7 +1,6 @@
 """The MoE benchmark's costs lie between its gate and its experts.
 
-A miniature budget: the run guards that the script keeps working and measures what it claims; the
-recorded figures in ``benchmarks/results`` come from the full budgets in the docs.
+On a miniature budget (see ``tests/benchmarks/_run.py``).
 """
 
 from __future__ import annotations
