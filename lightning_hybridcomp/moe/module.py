@@ -255,7 +255,10 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         freeze = bool(self.hparams["freeze_experts"])
         for record in records:
             record.module.requires_grad_(not freeze and not record.quantized)
-        if not freeze and any(r.quantized for r in records):
+        # With `quantize_experts`, int8 experts are the converted result of a tuned fit (a checkpoint being
+        # loaded); fp32 ones are what it fine-tunes, and `setup("fit")` refuses int8 ones with its own message.
+        warn_frozen = not freeze and self.hparams["quantize_experts"] is None
+        if warn_frozen and any(r.quantized for r in records):
             rank_zero_info(
                 "MoELightningModule: int8 experts stay frozen with `freeze_experts=False`: "
                 + ", ".join(r.name for r in records if r.quantized)
@@ -273,7 +276,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self._gate_macs = built.macs
         self._gate_program = built.program
         self._routing = RoutingStatistics([r.macs for r in records], built.macs)
-        if not freeze and all(r.quantized for r in records):
+        if warn_frozen and all(r.quantized for r in records):
             rank_zero_warn(
                 "MoELightningModule: `freeze_experts=False` but no expert is trainable (all are int8)."
             )
