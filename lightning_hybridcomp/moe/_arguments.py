@@ -37,6 +37,7 @@ def check_moe_arguments(
     eval_top_k: Any,
     coefficients: Mapping[str, Any],
     learning_rate: Any,
+    expert_learning_rate: Any,
     capacity_factor: Any,
     input_shape: Any,
 ) -> int | None:
@@ -63,6 +64,13 @@ def check_moe_arguments(
             raise ValueError(f"Expected `{name}` to be a non-negative finite float, got {value!r}.")
     if not (is_number(learning_rate) and learning_rate > 0):
         raise ValueError(f"Expected `learning_rate` to be a positive float, got {learning_rate!r}.")
+    if expert_learning_rate is not None and not (
+        is_number(expert_learning_rate) and expert_learning_rate > 0
+    ):
+        raise ValueError(
+            "Expected `expert_learning_rate` to be a positive float or None (a tenth of `learning_rate`),"
+            f" got {expert_learning_rate!r}."
+        )
     if capacity_factor is not None and not (is_number(capacity_factor) and capacity_factor > 0):
         raise ValueError(
             f"Expected `capacity_factor` to be a positive float or None (no limit), got {capacity_factor!r}."

@@ -143,7 +143,10 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         eval_top_k: experts per image outside training (``None``: ``top_k``). The task loss tells the gate
             which expert is better only when ``k > 1`` (at ``k = 1`` the single weight has no competitor),
             so training at ``top_k=2`` and routing at ``eval_top_k=1`` is the way to a cheap top-1 router.
-        learning_rate: Adam learning rate.
+        learning_rate: Adam learning rate of the gate.
+        expert_learning_rate: Adam learning rate of the experts that ``freeze_experts=False`` fine-tunes;
+            ``None`` (default) is a tenth of ``learning_rate``: the experts arrive trained, and the gate's
+            step undoes that training (measured in the MoE guide's "Complementary experts" section).
         weight_decay: Adam weight decay.
 
     Raises:
@@ -181,6 +184,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         capacity_in_eval: bool = False,
         eval_top_k: int | None = None,
         learning_rate: float = 3e-3,
+        expert_learning_rate: float | None = None,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
@@ -196,6 +200,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 "weight_decay": weight_decay,
             },
             learning_rate=learning_rate,
+            expert_learning_rate=expert_learning_rate,
             capacity_factor=capacity_factor,
             input_shape=input_shape,
         )
@@ -221,6 +226,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self.z_loss_coefficient = float(z_loss_coefficient)
         self.assignment_coefficient = float(assignment_coefficient)
         self.learning_rate = float(learning_rate)
+        self.expert_learning_rate = (
+            self.learning_rate / 10 if expert_learning_rate is None else float(expert_learning_rate)
+        )
         self.weight_decay = float(weight_decay)
         self.routing_stats: dict[str, float] = {}
         self._records: list[Expert] = []
@@ -474,8 +482,15 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        experts = {id(p) for p in self.experts.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) not in experts], "lr": self.learning_rate},
+            {"params": [p for p in trainable if id(p) in experts], "lr": self.expert_learning_rate},
+        ]
+        return torch.optim.Adam(
+            [g for g in groups if g["params"]], lr=self.learning_rate, weight_decay=self.weight_decay
+        )
 
     # ------------------------------------------------------------------ evaluation statistics
 

@@ -597,6 +597,24 @@ def test_unfrozen_experts_fine_tune_but_int8_experts_stay_frozen(digits):
     assert all(torch.equal(v, fp32.state_dict()[k]) for k, v in original.items())
 
 
+@pytest.mark.parametrize(("expert_learning_rate", "expected"), [(None, 1e-3), (5e-5, 5e-5)])
+def test_trainable_experts_get_their_own_learning_rate(expert_learning_rate, expected):
+    moe = MoELightningModule(
+        _random_experts(),
+        top_k=2,
+        input_shape=IMAGE,
+        freeze_experts=False,
+        learning_rate=1e-2,
+        expert_learning_rate=expert_learning_rate,
+    )
+    gate, experts = moe.configure_optimizers().param_groups
+    assert gate["lr"] == 1e-2 and experts["lr"] == pytest.approx(expected)
+    assert {id(p) for p in experts["params"]} == {id(p) for p in moe.experts.parameters()}
+    assert {id(p) for p in gate["params"]} == {id(p) for p in moe.gate.parameters() if p.requires_grad}
+    frozen = MoELightningModule(_random_experts(), top_k=2, input_shape=IMAGE, learning_rate=1e-2)
+    assert [g["lr"] for g in frozen.configure_optimizers().param_groups] == [1e-2]  # the gate alone
+
+
 def test_artifact_and_checkpoint_experts(tmp_path):
     from lightning_hybridcomp.models import ImageClassifier
 
@@ -695,6 +713,11 @@ def _experts_with(*extra: nn.Module) -> list[nn.Module]:
         (dict(z_loss_coefficient=-1e-3), ValueError, "Expected `z_loss_coefficient` to be a non-negative"),
         (dict(weight_decay=-1.0), ValueError, "Expected `weight_decay` to be a non-negative"),
         (dict(learning_rate=0.0), ValueError, "Expected `learning_rate` to be a positive float"),
+        (
+            dict(expert_learning_rate=-1e-4),
+            ValueError,
+            "Expected `expert_learning_rate` to be a positive float or None",
+        ),
         (dict(capacity_factor=0.0), ValueError, "Expected `capacity_factor` to be a positive float or None"),
         (dict(gate_channels=0), ValueError, r"Expected `gate_channels` to be an integer >= 1"),
         (dict(gate_input_size=0), ValueError, r"Expected `gate_input_size` to be an integer >= 1"),
