@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,7 @@ from lightning_hybridcomp.pipeline_plan import (
     read_json,
     write_json,
 )
-from lightning_hybridcomp.profiling import measure_latency
+from lightning_hybridcomp.profiling import interleaved_latencies
 from lightning_hybridcomp.report import ResultRow, report_table, write_report
 
 __all__ = ["FLOAT_ARTIFACT", "Pipeline", "PipelineError", "run_pipeline"]
@@ -403,42 +404,57 @@ class Pipeline:
                 total += int(y.numel())
         return correct / max(total, 1)
 
-    def _latencies(self, forward: Callable[[Tensor], Tensor], example: Tensor) -> dict[int, float]:
+    def _add_latencies(
+        self, rows: list[ResultRow], forwards: list[Callable[[Tensor], Tensor]], example: Tensor
+    ) -> None:
+        """Every row's median latency at each batch size, all models timed side by side in rounds."""
         ev = self.config.evaluation
-        out = {}
         for size in ev.latency_batch_sizes:
             batch = example[:1].expand(size, *example.shape[1:]).contiguous()
-            out[size] = measure_latency(forward, batch, warmup=ev.warmup, repeats=ev.repeats)
-        return out
+            timings = interleaved_latencies(
+                {row.name: (forward, batch) for row, forward in zip(rows, forwards)},
+                rounds=ev.repeats,
+                warmup=ev.warmup,
+            )
+            for row in rows:
+                if size in (1, 64):
+                    setattr(row, f"latency_b{size}_ms", statistics.median(timings[row.name]))
 
-    def _program_row(self, name: str, kind: str, path: Path, example: Tensor) -> ResultRow:
+    def _program_row(self, name: str, kind: str, path: Path) -> tuple[ResultRow, Callable[[Tensor], Tensor]]:
         loaded = load_artifact(path)
         forward: Callable[[Tensor], Tensor] = loaded.module
         runtime = "eager"
         if self.config.evaluation.compile and not signed_int8_activations(loaded.module):
             forward, runtime = compile_artifact(loaded.module), "inductor"
-        latency = self._latencies(forward, example)
-        return ResultRow(
+        row = ResultRow(
             name=name,
             kind=kind,
             accuracy=self._accuracy(forward),
             params=loaded.metadata.params,
             macs=float(loaded.metadata.macs),
             bytes=path.stat().st_size,
-            latency_b1_ms=latency.get(1),
-            latency_b64_ms=latency.get(64),
             extra={"steps": list(loaded.metadata.steps), "dtype": loaded.metadata.dtype, "runtime": runtime},
         )
+        return row, forward
 
     def evaluate(self) -> list[ResultRow]:
-        """Measure the baseline, every expert and the MoE at each ``top_k`` on the test split."""
+        """Measure the baseline, every expert and the MoE at each ``top_k`` on the test split.
+
+        Latency is measured last, every model in every round (interleaved), so that a shared machine's load
+        swings fall on all of them alike.
+        """
         from lightning_hybridcomp.moe import load_moe
 
         example = self._example_inputs()
-        rows = [self._program_row("baseline", "baseline", self.run_dir / "baseline" / "model.pt2", example)]
+        measured = [self._program_row("baseline", "baseline", self.run_dir / "baseline" / "model.pt2")]
         for expert in self.config.experts:
-            path = self.run_dir / "experts" / expert.name / "expert.pt2"
-            rows.append(self._program_row(expert.name, "expert", path, example))
+            measured.append(
+                self._program_row(
+                    expert.name, "expert", self.run_dir / "experts" / expert.name / "expert.pt2"
+                )
+            )
+        rows = [row for row, _ in measured]
+        forwards = [forward for _, forward in measured]
         for run in self.config.moe.runs():
             moe = load_moe(self.run_dir / run.key / "moe.ckpt").eval()
             if self.config.evaluation.compile:
@@ -447,7 +463,7 @@ class Pipeline:
             runtime = "inductor" if all(compiled) else "eager" if not any(compiled) else "inductor and eager"
             accuracy = self._accuracy(moe)
             stats = moe.routing_statistics(torch.cat([x for x, _ in self._test_batches]))
-            latency = self._latencies(moe, example)
+            forwards.append(moe)
             rows.append(
                 ResultRow(
                     name=run.name,
@@ -456,8 +472,6 @@ class Pipeline:
                     params=moe.total_params(),
                     macs=float(stats["expected_macs"]),
                     bytes=moe.total_bytes(),
-                    latency_b1_ms=latency.get(1),
-                    latency_b64_ms=latency.get(64),
                     extra={
                         "expert_load": stats["expert_load"],
                         "top_k": run.k,
@@ -466,6 +480,7 @@ class Pipeline:
                     },
                 )
             )
+        self._add_latencies(rows, forwards, example)
         return rows
 
     def _edge_figures(self, rows: list[ResultRow]) -> str:

@@ -302,3 +302,22 @@ def test_tuned_moe_fine_tunes_the_experts_fp32_twins(tmp_path: Path) -> None:
     raw["moe"]["variants"] = ["frozen"]
     plan = {p.spec.key: p.action for p in Pipeline(parse_pipeline_config(raw), say=lambda _: None).plan()}
     assert plan["moe/k2"] == "skip" and "moe/k2-tuned" not in plan
+
+
+def test_latencies_are_timed_side_by_side_in_rounds(tmp_path) -> None:
+    from lightning_hybridcomp.report import ResultRow
+
+    raw = {**json.loads(json.dumps(MINI)), "run_dir": str(tmp_path / "run")}
+    pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    calls: list[tuple[str, int]] = []
+
+    def model(name: str):
+        return lambda x: calls.append((name, len(x)))
+
+    rows = [ResultRow(name, "expert", 0.5, 1, 1.0, 1) for name in ("a", "b", "c")]
+    pipeline._add_latencies(rows, [model(r.name) for r in rows], torch.zeros(1, 1, 8, 8))
+    repeats, warmup = MINI["evaluation"]["repeats"], MINI["evaluation"]["warmup"]
+    for size in (1, 64):
+        timed = [name for name, n in calls if n == size][3 * (warmup + 1) :]  # after every warm-up call
+        assert timed == ["a", "b", "c"] * repeats  # every model once per round, not model after model
+    assert all(r.latency_b1_ms > 0 and r.latency_b64_ms > 0 for r in rows)
