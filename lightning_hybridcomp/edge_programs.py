@@ -431,6 +431,20 @@ class ExecuTorchProgram:
             dtype,
             max_batch=metadata.max_batch,
         )
+        self._size_for_max_batch(dtype)
+
+    def _size_for_max_batch(self, dtype: torch.dtype) -> None:
+        """Run every method once at :attr:`max_batch`, so that no later call grows the delegate's buffers.
+
+        ExecuTorch 1.5.1's XNNPACK delegate returns wrong int8 outputs (logits off by 15-20) when a method
+        that first ran at a batch of about 12 or more is then called at a larger batch (e.g. 16 then 17, 24
+        then 32), and for some later calls after that; fp32 programs and growth from smaller first batches
+        are unaffected. A run at the largest batch first leaves every later call within the sizes already
+        set up, and its outputs then match the PT2E model at every batch (docs/edge.md).
+        """
+        example = torch.zeros(self.max_batch, *self.metadata.input_shape, dtype=dtype)
+        for method in self._methods.values():
+            method.execute([example])
 
     @property
     def max_batch(self) -> int:

@@ -152,6 +152,21 @@ def test_pruned_xnnpack_qat_program_matches_the_converted_model(
     assert torch.equal(program(test_images[:1]), program(test_images[:1]))
 
 
+@pytest.mark.parametrize("sizes", [(16, 17), (12, 16), (24, 32), (20, 32, 5, 64)])
+def test_int8_program_is_right_at_every_batch_whatever_ran_before(
+    int8: SimpleNamespace, test_images: Tensor, sizes: tuple[int, ...]
+) -> None:
+    # XNNPACK's int8 kernels in ExecuTorch 1.5.1 gave logits off by 15-20 when a method first run at a
+    # batch of about 12 or more was then called at a larger one; the loader sizes every method for its
+    # largest batch first. A freshly loaded program, each sequence from its first call.
+    program = load_executorch(int8.path)
+    with torch.no_grad():
+        for n in sizes:
+            torch.testing.assert_close(
+                program(test_images[:n]), int8.model(test_images[:n]), atol=INT8_ATOL, rtol=0
+            )
+
+
 def test_inductor_refuses_xnnpack_int8_and_the_moe_keeps_such_experts_eager(
     int8: SimpleNamespace, fp32: SimpleNamespace, test_images: Tensor
 ) -> None:
