@@ -12,7 +12,9 @@ from torch import nn
 from lightning_hybridcomp._validation import expect_int, is_int, is_number
 from lightning_hybridcomp.moe.experts import EXPERT_FORMATS
 
-__all__ = ["check_expert_count", "check_moe_arguments", "check_top_k"]
+__all__ = ["ASSIGNMENT_TARGETS", "check_expert_count", "check_moe_arguments", "check_top_k"]
+
+ASSIGNMENT_TARGETS = ("hard", "soft")
 
 
 def check_expert_count(value: Any, name: str, num_experts: int | None) -> None:
@@ -40,6 +42,7 @@ def check_moe_arguments(
     expert_learning_rate: Any,
     capacity_factor: Any,
     input_shape: Any,
+    assignment_target: Any = "hard",
 ) -> int | None:
     """Check the constructor's plain arguments; returns the number of experts (``None`` without experts).
 
@@ -83,5 +86,9 @@ def check_moe_arguments(
         raise ValueError(
             "Expected `input_shape` to be a list of positive integers without the batch dimension, e.g."
             f" [1, 16, 16], got {input_shape!r}."
+        )
+    if not isinstance(assignment_target, str) or assignment_target not in ASSIGNMENT_TARGETS:
+        raise ValueError(
+            f"Expected `assignment_target` to be one of {ASSIGNMENT_TARGETS}, got {assignment_target!r}."
         )
     return num_experts

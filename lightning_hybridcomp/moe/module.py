@@ -133,6 +133,11 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         balance_coefficient: :math:`\alpha` of the Switch load-balancing loss.
         importance_coefficient: weight of the CV\ :sup:`2` importance loss (0 turns it off).
         z_loss_coefficient: weight of the router z-loss.
+        assignment_coefficient: weight of the router's cross-entropy towards a balanced assignment of each
+            batch (:func:`~lightning_hybridcomp.moe.routing.balanced_assignment`; 0 turns it off).
+        assignment_target: ``"hard"`` (default): each sample's target is the one expert it is assigned
+            to; ``"soft"``: its Sinkhorn shares. The soft target cannot separate experts the router scores
+            alike, and one of them is then never the top-1 choice (measured in the MoE guide).
         noisy_gating: add Shazeer's learned Gaussian noise to the router logits in training.
         capacity_factor: ``None`` (default) for no limit, else each expert takes at most
             ``ceil(capacity_factor * B * k / N)`` samples of a batch, keeping the highest gate weights;
@@ -179,6 +184,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         importance_coefficient: float = 0.0,
         z_loss_coefficient: float = 1e-3,
         assignment_coefficient: float = 1.0,
+        assignment_target: str = "hard",
         noisy_gating: bool = True,
         capacity_factor: float | None = None,
         capacity_in_eval: bool = False,
@@ -203,6 +209,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             expert_learning_rate=expert_learning_rate,
             capacity_factor=capacity_factor,
             input_shape=input_shape,
+            assignment_target=assignment_target,
         )
         expect_int(gate_channels, "gate_channels", low=1)
         quantize_experts = check_quantize_experts(quantize_experts)
@@ -225,6 +232,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self.importance_coefficient = float(importance_coefficient)
         self.z_loss_coefficient = float(z_loss_coefficient)
         self.assignment_coefficient = float(assignment_coefficient)
+        self.assignment_target = assignment_target
         self.learning_rate = float(learning_rate)
         self.expert_learning_rate = (
             self.learning_rate / 10 if expert_learning_rate is None else float(expert_learning_rate)
@@ -460,7 +468,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         importance = importance_loss(dense_gates(gating), self.importance_coefficient)
         z_loss = router_z_loss(clean_logits, self.z_loss_coefficient)
         assignment = assignment_loss(
-            clean_logits, balanced_assignment(clean_logits), self.assignment_coefficient
+            clean_logits,
+            balanced_assignment(clean_logits, hard=self.assignment_target == "hard"),
+            self.assignment_coefficient,
         )
         loss = task + balance + importance + z_loss + assignment
         batch_size = x.shape[0]

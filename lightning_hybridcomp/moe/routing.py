@@ -220,7 +220,9 @@ def router_z_loss(logits: Tensor, coefficient: float = 1.0) -> Tensor:
     return coefficient * torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def balanced_assignment(logits: Tensor, *, temperature: float = 0.5, iterations: int = 10) -> Tensor:
+def balanced_assignment(
+    logits: Tensor, *, temperature: float = 0.5, iterations: int = 10, hard: bool = False
+) -> Tensor:
     r"""``[B, N]`` balanced soft assignment of a batch to the experts, the target of :func:`assignment_loss`.
 
     Each expert's logits are first standardised over the batch (:math:`(z_i - \bar z_i) / \sigma_i`), which
@@ -230,10 +232,18 @@ def balanced_assignment(logits: Tensor, *, temperature: float = 0.5, iterations:
     batch, given to the samples the router ranks highest for it (Clark et al., 2022, S-BASE). No gradient
     flows through the target.
 
+    ``hard=True`` returns the one-hot of each row's largest share instead. This is what breaks a tie between
+    experts the router scores alike on every sample: the soft target splits such a sample evenly between
+    them (half each), which the router satisfies by keeping their logits equal, so whichever is a hair higher
+    wins every top-1 decision and the other is never first; the hard target gives the sample to one of them,
+    decided by the sign of that hair relative to the rest of the batch, and the cross-entropy widens the
+    difference it was decided on, so the split becomes a stable partition.
+
     Args:
         logits: ``[B, N]`` router logits.
         temperature: sharpness of the assignment (smaller: closer to a hard balanced assignment).
         iterations: Sinkhorn iterations.
+        hard: one-hot rows (each sample to its largest share) instead of the soft assignment.
 
     Raises:
         ValueError: for logits that are not ``[B, N]`` or a non-positive temperature.
@@ -243,10 +253,14 @@ def balanced_assignment(logits: Tensor, *, temperature: float = 0.5, iterations:
         >>> logits = torch.tensor([[5.0, 4.0], [5.0, 4.5], [5.0, 3.0], [5.0, 4.8]])  # expert 0 first everywhere
         >>> balanced_assignment(logits, temperature=0.1).argmax(dim=-1).tolist()  # yet each takes half
         [0, 1, 0, 1]
+        >>> balanced_assignment(logits, hard=True).tolist()[1]
+        [0.0, 1.0]
     """
     _check_logits(logits)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"Expected `temperature` to be a positive float, got {temperature!r}.")
+    if not isinstance(hard, bool):
+        raise TypeError(f"Expected `hard` to be a bool, got {type(hard).__name__}.")
     z = logits.detach().float()
     batch, num_experts = z.shape
     if batch < 2:
@@ -257,6 +271,8 @@ def balanced_assignment(logits: Tensor, *, temperature: float = 0.5, iterations:
     for _ in range(iterations):
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + column
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    if hard:
+        return torch.nn.functional.one_hot(log_p.argmax(dim=1), num_experts).to(z.dtype)
     return log_p.exp()
 
 

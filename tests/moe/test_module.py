@@ -719,6 +719,11 @@ def _experts_with(*extra: nn.Module) -> list[nn.Module]:
             "Expected `expert_learning_rate` to be a positive float or None",
         ),
         (dict(capacity_factor=0.0), ValueError, "Expected `capacity_factor` to be a positive float or None"),
+        (
+            dict(assignment_target="sharp"),
+            ValueError,
+            r"Expected `assignment_target` to be one of \('hard', 'soft'\), got 'sharp'",
+        ),
         (dict(gate_channels=0), ValueError, r"Expected `gate_channels` to be an integer >= 1"),
         (dict(gate_input_size=0), ValueError, r"Expected `gate_input_size` to be an integer >= 1"),
         (dict(gate="mlp"), ValueError, "Expected `gate` to be one of 'cnn'"),

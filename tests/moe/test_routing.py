@@ -143,6 +143,41 @@ def test_identical_experts_still_share_the_load_with_default_settings(k) -> None
     assert first.min() > 0 and first.max() <= 2 / NUM_EXPERTS, first.tolist()
 
 
+def test_two_experts_the_router_scores_alike_split_their_share() -> None:
+    # Experts 0 and 1 are the same network (right on classes 0-3), expert 2 is right on 4 and 5. The
+    # router has no reason to score 0 and 1 apart; with the soft assignment target it did not, and one of
+    # them was never the top-1 choice (loads 0.667, 0, 0.333). The default hard target splits them.
+    owners = [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5]]
+    moe = _fit([Specialist(owned) for owned in owners], epochs=6, eval_top_k=1)
+    _, _, (x, y) = _loaders()
+    for k in (1, 2):
+        moe.eval_top_k = k
+        with torch.no_grad():
+            gating, _ = moe.route(x)
+            accuracy = (moe(x).argmax(-1) == y).float().mean()
+        first = torch.bincount(gating.indices[:, 0], minlength=NUM_EXPERTS).float() / len(x)
+        assert first.min() > 0.05 and first.max() <= 2 / NUM_EXPERTS, first.tolist()
+        assert torch.bincount(gating.indices.flatten(), minlength=NUM_EXPERTS).min() > 0
+        assert accuracy == 1.0
+
+
+def test_hard_balanced_assignment_gives_each_sample_one_expert_and_splits_ties() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(90, generator=generator)
+    # Experts 1 and 2 scored alike up to a hair on every sample; expert 0 apart.
+    hair = 1e-3 * torch.randn(90, 2, generator=generator)
+    logits = torch.stack([torch.randn(90, generator=generator), shared, shared], 1)
+    logits[:, 1:] += hair
+    soft, hard = balanced_assignment(logits), balanced_assignment(logits, hard=True)
+    assert torch.equal(hard, torch.nn.functional.one_hot(soft.argmax(-1), 3).float())
+    tied = soft[:, 1:].sum(-1) > 0.9  # samples the soft target splits between 1 and 2
+    assert tied.sum() > 20 and torch.allclose(soft[tied, 1], soft[tied, 2], atol=0.01)  # about half each
+    shares = hard[tied].mean(0)
+    assert shares[1] > 0.25 and shares[2] > 0.25  # the hard target gives each of the pair its part
+    with pytest.raises(TypeError, match="Expected `hard` to be a bool"):
+        balanced_assignment(logits, hard="yes")  # type: ignore[arg-type]
+
+
 def test_balanced_assignment_balances_columns_and_follows_the_ranking() -> None:
     torch.manual_seed(0)
     logits = torch.randn(60, 3) + torch.tensor([3.0, 0.0, -3.0])  # a constant preference for expert 0
