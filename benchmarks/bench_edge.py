@@ -5,7 +5,7 @@ the CIFAR-style ``resnet20`` at 3x32x32 with random weights and random data (lat
 depend on the weights). For each: torch eager fp32; ``compile_artifact`` fp32 and int8 (``x86_pt2e`` QAT);
 ExecuTorch fp32, int8, pruned fp32 and pruned int8 (pruned with ``StructuredPruning`` to at most
 ``--target-macs`` of the MACs; int8 from ExecuTorch's XNNPACKQuantizer, post-training calibration on 256
-inputs); and the MoE of four pruned int8 experts behind a ``GateNetwork`` in one multi-method ``.pte``,
+inputs); and the MoE of ``--moe-experts`` (four) pruned int8 experts behind a ``GateNetwork`` in one multi-method ``.pte``,
 routed on the host at k = 1 and 2. Latency is the median of ``--rounds`` interleaved rounds at batch 1 and
 32, every model at the same thread count (torch and ExecuTorch's XNNPACK pool set alike; run under
 ``taskset -c 0`` to pin them to one core). Bytes are the file each runtime loads (``.pt2`` or ``.pte``).
@@ -106,7 +106,9 @@ def _family(
         files[label] = path
     # As an exported program: the MoE takes int8 experts as artifacts or programs.
     pruned_int8 = export_for_artifact(xnnpack_ptq(pruned, example, calibration), example)
-    moe = MoELightningModule([pruned_int8] * 4, top_k=2, input_shape=list(example.shape[1:])).eval()
+    moe = MoELightningModule(
+        [pruned_int8] * args.moe_experts, top_k=2, input_shape=list(example.shape[1:])
+    ).eval()
     export_executorch(moe, folder / f"{name}-moe.pte", max_batch=max(BATCHES))
     files["ExecuTorch MoE"] = folder / f"{name}-moe.pte"
 
@@ -178,7 +180,10 @@ def main() -> None:
     parser.add_argument(
         "--networks", nargs="+", default=["digits", "resnet20"], choices=["digits", "resnet20"]
     )
+    parser.add_argument("--moe-experts", type=int, default=4, help="experts of the MoE program (at least 2)")
     args = parser.parse_args()
+    if args.moe_experts < 2:
+        parser.error("--moe-experts must be at least 2")
     torch.set_num_threads(args.threads)
     set_edge_threads(args.threads)
 

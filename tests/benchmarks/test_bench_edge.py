@@ -17,6 +17,7 @@ def test_edge_benchmark_puts_every_runtime_side_by_side(tmp_path: Path) -> None:
     figures = run_benchmark(
         "bench_edge.py", tmp_path / "edge.json",
         "--networks", "digits", "--train-epochs=1", "--tune-batches=2", "--rounds=2", "--warmup=1",
+        "--moe-experts=2",
     )  # fmt: skip
     rows = {row["model"]: row for row in figures["rows"]}
     assert list(rows) == [
