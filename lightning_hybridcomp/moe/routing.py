@@ -247,6 +247,7 @@ def balanced_assignment(
 
     Raises:
         ValueError: for logits that are not ``[B, N]`` or a non-positive temperature.
+        TypeError: for a ``hard`` that is not a bool.
 
     Example::
 
