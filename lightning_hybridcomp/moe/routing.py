@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_hybridcomp._validation import expect_bool
+
 __all__ = [
     "TopKGating",
     "assignment_loss",
@@ -260,8 +262,7 @@ def balanced_assignment(
     _check_logits(logits)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"Expected `temperature` to be a positive float, got {temperature!r}.")
-    if not isinstance(hard, bool):
-        raise TypeError(f"Expected `hard` to be a bool, got {type(hard).__name__}.")
+    expect_bool(hard, "hard")
     z = logits.detach().float()
     batch, num_experts = z.shape
     if batch < 2:
