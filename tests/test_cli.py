@@ -130,8 +130,8 @@ def test_every_example_config_parses(config: Path, tmp_path, monkeypatch, capsys
     subcommand = "pipeline" if config.name.startswith("pipeline") else "fit"
     try:
         main([subcommand, "--config", str(config), "--print_config"])
-    except SystemExit as exit:
-        assert exit.code in (0, None), capsys.readouterr().err[-3000:]
+    except SystemExit as stop:
+        assert stop.code in (0, None), capsys.readouterr().err[-3000:]
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["class_path"]
     model = printed["baseline"]["model"] if subcommand == "pipeline" else printed["model"]
