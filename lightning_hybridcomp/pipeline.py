@@ -404,13 +404,21 @@ class Pipeline:
                 total += int(y.numel())
         return correct / max(total, 1)
 
-    def _add_latencies(
-        self, rows: list[ResultRow], forwards: list[Callable[[Tensor], Tensor]], example: Tensor
-    ) -> None:
+    def _latency_batch(self, size: int) -> Tensor:
+        """The first ``size`` test images (the split repeated if it is smaller).
+
+        Distinct images, so that a MoE is timed on the routing real data gives: a batch of copies of one
+        image would send every row to the same experts, none of them padded.
+        """
+        images = torch.cat([x for x, _ in self._test_batches])
+        repeats = -(-size // images.shape[0])
+        return images.repeat(repeats, *[1] * (images.dim() - 1))[:size].contiguous()
+
+    def _add_latencies(self, rows: list[ResultRow], forwards: list[Callable[[Tensor], Tensor]]) -> None:
         """Every row's median latency at each batch size, all models timed side by side in rounds."""
         ev = self.config.evaluation
         for size in ev.latency_batch_sizes:
-            batch = example[:1].expand(size, *example.shape[1:]).contiguous()
+            batch = self._latency_batch(size)
             timings = interleaved_latencies(
                 {row.name: (forward, batch) for row, forward in zip(rows, forwards)},
                 rounds=ev.repeats,
@@ -446,7 +454,6 @@ class Pipeline:
         """
         from lightning_hybridcomp.moe import load_moe
 
-        example = self._example_inputs()
         measured = [self._program_row("baseline", "baseline", self.run_dir / "baseline" / "model.pt2")]
         for expert in self.config.experts:
             measured.append(
@@ -481,7 +488,7 @@ class Pipeline:
                     },
                 )
             )
-        self._add_latencies(rows, forwards, example)
+        self._add_latencies(rows, forwards)
         return rows
 
     def _edge_figures(self, rows: list[ResultRow]) -> str:

@@ -128,6 +128,33 @@ def test_pareto_plot_is_a_valid_png(finished_run) -> None:
     assert struct.unpack(">II", png[16:24]) == (1650, 450)  # MACs, bytes and ExecuTorch latency panels
 
 
+def test_dispatch_benchmark_times_the_parts_of_the_finished_runs_moes(finished_run, tmp_path) -> None:
+    """``benchmarks/bench_moe_dispatch.py`` on this run (here, not in tests/benchmarks: it reads a finished run)."""
+    from tests.benchmarks._run import run_benchmark
+
+    config, run_dir, _ = finished_run
+    figures = run_benchmark(
+        "bench_moe_dispatch.py", tmp_path / "dispatch.json",
+        f"--config={config}", f"--run-dir={run_dir}", "--batch=24", "--rounds=2", "--warmup=1",
+    )  # fmt: skip
+    ms = figures["median_ms"]
+    assert {"baseline", "expert half (whole batch)", "expert third (whole batch)"} <= set(ms)
+    for k in (1, 2):
+        moe = figures["moe"][f"moe-k{k}"]
+        sizes = moe["sub_batches"]
+        assert moe["top_k"] == k and sum(sizes) == 24 * k  # every image's k experts, one call each
+        rows = moe["padded_rows"]
+        assert rows["unpadded"] == 24 * k <= rows["bucket_size"] <= rows["power of two"]
+        for part in (
+            "",
+            " | power-of-two buckets, eager gate",
+            " | gate (compiled)",
+            " | experts on sub-batches",
+        ):
+            assert ms[f"moe-k{k}{part}"] > 0
+        assert figures["x_baseline"][f"moe-k{k}"] == pytest.approx(ms[f"moe-k{k}"] / ms["baseline"])
+
+
 def test_rerun_skips_finished_phases(finished_run) -> None:
     config, run_dir, _ = finished_run
     before = done_marker_times(run_dir)

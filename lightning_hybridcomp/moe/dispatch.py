@@ -29,16 +29,26 @@ __all__ = [
 
 ExpertFn = Callable[[Tensor], Tensor]
 
+#: Dynamo's recompile limit while a bucketed expert runs: above the number of buckets any batch meets.
+_MAX_BUCKETS = 64
+
 
 def bucket_size(n: int) -> int:
-    """The sub-batch size a compiled expert runs at for ``n`` samples: the next power of two.
+    """The sub-batch size a compiled expert runs at for ``n`` samples: the next of 1, 2, 3, 4, 6, 8, 12, 16, ...
+
+    Powers of two and one and a half times them: at most a third of a bucket is padding (a quarter on
+    average over uniform sizes, where power-of-two buckets pad up to a half), for about ``2 log2(B)``
+    compiled sizes up to a batch of ``B``.
 
     Example::
 
-        >>> [bucket_size(n) for n in (1, 2, 3, 5, 64)]
-        [1, 2, 4, 8, 64]
+        >>> [bucket_size(n) for n in (1, 2, 3, 5, 7, 21, 26, 64)]
+        [1, 2, 3, 6, 8, 24, 32, 64]
     """
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+    if n <= 2:
+        return max(n, 1)
+    power = 1 << (n - 1).bit_length()  # the next power of two
+    return 3 * power // 4 if n <= 3 * power // 4 else power
 
 
 class BucketedExpert(nn.Module):
@@ -46,25 +56,33 @@ class BucketedExpert(nn.Module):
 
     A compiled int8 program is specialised to one batch size (a symbolic batch breaks torch 2.14's int8
     convolution lowering), and sparse dispatch hands each expert a different sub-batch size in every batch:
-    unpadded, every new size recompiles, and past Dynamo's recompile limit the expert falls back to slow
-    eager int8. With buckets a batch of ``B`` needs at most ``log2(B) + 1`` compilations, once each, for at
-    most twice the expert's MACs on the padded rows. Rows are independent in eval mode, so the real rows'
-    outputs are unchanged.
+    unpadded, every new size recompiles, and past Dynamo's recompile limit (8) the expert falls back to
+    slow eager int8. With buckets every size compiles once, about ``2 log2(B)`` sizes for batches of ``B``;
+    for this expert's calls only, Dynamo's limit is raised to cover every bucket (two per power of two, so
+    fewer than 64 below a batch of ``2**31``, also when two bucket rules share one compiled expert), so
+    none falls back to eager. :attr:`buckets` holds the sizes it ran at. Rows are independent in eval mode, so the real rows' outputs are unchanged.
 
     Args:
         compiled: the compiled expert (:func:`~lightning_hybridcomp.artifacts.compile_artifact`).
+        bucket: the padded size for a sub-batch of ``n`` (at least ``n``), :func:`bucket_size` by default.
     """
 
-    def __init__(self, compiled: nn.Module) -> None:
+    def __init__(self, compiled: nn.Module, bucket: Callable[[int], int] = bucket_size) -> None:
         super().__init__()
         self.compiled = compiled
+        self.bucket = bucket
+        self.buckets: set[int] = set()
 
     def forward(self, x: Tensor) -> Tensor:
+        import torch._dynamo.config as dynamo_config
+
         n = x.shape[0]
-        size = bucket_size(n)
+        size = self.bucket(n)
+        self.buckets.add(size)
         if size != n:
             x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
-        return self.compiled(x)[:n]
+        with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, _MAX_BUCKETS)):
+            return self.compiled(x)[:n]
 
 
 class DispatchResult(NamedTuple):

@@ -8,7 +8,7 @@ construction (:mod:`~lightning_hybridcomp.moe.experts`), so a trained MoE checkp
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
-from lightning_hybridcomp._validation import expect_int
+from lightning_hybridcomp._validation import expect_bool, expect_int
 from lightning_hybridcomp.artifacts import compile_artifact
 from lightning_hybridcomp.moe._arguments import check_expert_count, check_moe_arguments, check_top_k
 from lightning_hybridcomp.moe.checkpoint import (
@@ -243,6 +243,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self.experts = nn.ModuleList()
         self._gate_macs = 0
         self._gate_program: bytes | None = None
+        # In a tuple, so that the compiled gate is not registered as a submodule (the state_dict stays).
+        self._compiled_gate: tuple[nn.Module] | None = None
         if experts is None:
             # Built by `on_load_checkpoint` from the checkpoint's experts. In a tuple, because an nn.Module
             # attribute would register the gate module as a submodule of the unbuilt MoE.
@@ -289,6 +291,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             input_size=self.hparams["gate_input_size"],
         )
         self.gate = built.gate
+        self._compiled_gate = None
         self._gate_macs = built.macs
         self._gate_program = built.program
         self._routing = RoutingStatistics([r.macs for r in records], built.macs)
@@ -352,26 +355,34 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         # A feature gate holds a copy of one expert's graph; it is counted with the experts.
         return isinstance(self.gate, ExpertFeatureGate) and gate_key.startswith("features.")
 
-    def compile_experts_(self) -> MoELightningModule:
-        """Compile every expert with ``torch.compile`` (inductor, freezing) for fast inference, in place.
+    def compile_experts_(self, *, gate: bool = True) -> MoELightningModule:
+        """Compile every expert, and the gate, with ``torch.compile`` for fast inference, in place.
 
-        Compiled experts are used outside training only and always run under ``torch.no_grad()``; training
-        steps and :meth:`dense_reference` keep using the exported graphs, and the ``state_dict`` does not
-        change. This is what makes int8 experts fast on CPU. Sub-batches are padded to the next power of
-        two (:class:`~lightning_hybridcomp.moe.dispatch.BucketedExpert`), so each expert compiles once per
-        bucket (at most ``log2(B) + 1`` times for batches of ``B``) instead of once per sub-batch size.
-        Experts quantized with XNNPACK's scheme (signed int8 activations), which inductor's x86 int8
-        kernels cannot run, stay eager (their ``compiled`` stays ``None``); ExecuTorch runs them fast.
+        Compiled parts are used outside training only and always run under ``torch.no_grad()``; training
+        steps and :meth:`dense_reference` keep using the exported graphs and the gate's module, and the
+        ``state_dict`` does not change. Experts compile with inductor freezing, which is what makes int8
+        experts fast on CPU. Sub-batches are padded to buckets of 1, 2, 3, 4, 6, 8, 12, ... rows
+        (:class:`~lightning_hybridcomp.moe.dispatch.BucketedExpert`), so each expert compiles once per bucket
+        it meets (about ``2 log2(B)`` times for batches of ``B``) instead of once per sub-batch size. Experts
+        quantized with XNNPACK's scheme (signed int8 activations), which inductor's x86 int8 kernels cannot
+        run, stay eager (their ``compiled`` stays ``None``); ExecuTorch runs them fast. The gate compiles
+        once for every batch size (a dynamic batch, without freezing: it reads its current weights).
+
+        Args:
+            gate: also compile the gate.
 
         Returns:
             The MoE itself.
         """
+        self._require_built()
+        expect_bool(gate, "gate")
         self._records = [
             r
             if signed_int8_activations(r.module)
             else replace(r, compiled=BucketedExpert(compile_artifact(r.module)))
             for r in self._records
         ]
+        self._compiled_gate = (_InferenceOnly(torch.compile(self.gate, dynamic=True)),) if gate else None
         return self
 
     @property
@@ -411,7 +422,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             RuntimeError: if the MoE was created without experts and no checkpoint supplied them.
         """
         self._require_built()
-        logits, noise_std = self.gate(x)
+        gate = self.gate if self.training or self._compiled_gate is None else self._compiled_gate[0]
+        logits, noise_std = gate(x)
         use_noise = self.training and self.noisy_gating and noise_std is not None
         gating = top_k_gate(
             logits, self.active_top_k if k is None else k, noise_std=noise_std if use_noise else None
@@ -634,3 +646,15 @@ def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> 
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
+
+
+class _InferenceOnly(nn.Module):
+    """Runs a compiled module without autograd: compiled parts of a MoE are for inference."""
+
+    def __init__(self, compiled: Callable[..., Any]) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any) -> Any:
+        with torch.no_grad():
+            return self.compiled(*args)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_hybridcomp.artifacts import save_artifact
 from lightning_hybridcomp.data import DigitsDataModule
+from lightning_hybridcomp.moe.dispatch import BucketedExpert, bucket_size
 from lightning_hybridcomp.moe.gate import Gate, GateNetwork, routing_mask, top_k_gate
 from lightning_hybridcomp.moe.module import MoELightningModule, load_moe
 from lightning_hybridcomp.profiling import count_macs, count_macs_and_params
@@ -194,6 +195,26 @@ def test_dispatch_with_an_expert_that_gets_no_sample(k):
     handle.remove()
     assert result.counts[1].item() == 0 and called == []
     torch.testing.assert_close(result.probs, moe.dense_reference(x, gating), rtol=1e-5, atol=1e-6)
+
+
+def test_bucketed_expert_compiles_once_per_bucket_past_dynamos_recompile_limit():
+    graphs: list[int] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]):
+        graphs.append(int(example_inputs[-1].shape[0]) if example_inputs else -1)
+        return gm.forward
+
+    expert = TinyCNN(2).eval()
+    bucketed = BucketedExpert(torch.compile(expert, backend=counting_backend, dynamic=False))
+    sizes = list(range(1, 41)) + list(range(40, 0, -3))
+    with torch.no_grad():
+        for n in sizes:
+            x = torch.randn(n, *IMAGE)
+            torch.testing.assert_close(bucketed(x), expert(x), rtol=1e-5, atol=1e-6)
+    buckets = sorted({bucket_size(n) for n in sizes})
+    assert buckets == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]  # more than Dynamo's limit of 8
+    assert len(graphs) == len(buckets)  # one compilation per bucket, none fell back to eager
+    assert bucketed.buckets == set(buckets)
 
 
 def test_capacity_factor_drops_the_lowest_weights_and_counts_them():
@@ -661,9 +682,18 @@ def test_compiled_experts_give_the_same_predictions():
     keys = list(moe.state_dict())
     with torch.no_grad():
         reference = moe(x)
-        moe.compile_experts_()
+        reference_routing = moe.route(x)[0].indices
+        moe.compile_experts_(gate=False)
+        assert moe._compiled_gate is None
         torch.testing.assert_close(moe(x), reference, rtol=1e-4, atol=1e-5)
+        moe.compile_experts_()
+        assert moe._compiled_gate is not None
+        for n in (12, 5, 1):  # the gate compiles once for every batch size
+            torch.testing.assert_close(moe(x[:n]), reference[:n], rtol=1e-4, atol=1e-5)
+            assert torch.equal(moe.route(x[:n])[0].indices, reference_routing[:n])
     assert list(moe.state_dict()) == keys
+    with pytest.raises(TypeError, match="`gate` to be a bool"):
+        moe.compile_experts_(gate="yes")
     assert moe.train()(x).requires_grad  # training uses the exported graphs, with autograd
 
 
