@@ -9,12 +9,18 @@ from lightning_hybridcomp.artifacts import (
     load_artifact,
     save_artifact,
 )
-from lightning_hybridcomp.callbacks import QuantizationAwareTraining, StructuredPruning, load_pruned_model
+from lightning_hybridcomp.callbacks import (
+    KnowledgeDistillation,
+    QuantizationAwareTraining,
+    StructuredPruning,
+    load_pruned_model,
+)
 from lightning_hybridcomp.moe import MoELightningModule, load_moe
 from lightning_hybridcomp.profiling import ModelProfile, profile_model
 
 __all__ = [
     "ArtifactMetadata",
+    "KnowledgeDistillation",
     "LoadedArtifact",
     "MoELightningModule",
     "ModelProfile",

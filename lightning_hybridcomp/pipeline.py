@@ -34,6 +34,7 @@ from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, read_checkpoint
 from lightning_hybridcomp._lightning import PhaseProgress, completed_epochs, inputs_from_batch
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
+from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.qat_backends import PT2E_BACKENDS
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
@@ -253,6 +254,23 @@ class Pipeline:
         """The expert's ``QuantizationAwareTraining`` (``None`` when it stays fp32)."""
         return QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
 
+    def distillation_callback(
+        self, spec: ExpertConfig, teacher: nn.Module | None = None
+    ) -> KnowledgeDistillation | None:
+        """The expert's ``KnowledgeDistillation`` from the baseline's artifact (``None`` without ``distillation``).
+
+        ``teacher`` stands in for the baseline's artifact where it does not exist yet (the checks before
+        training).
+        """
+        if spec.distillation is None:
+            return None
+        if "teacher" in spec.distillation:
+            raise ValueError(
+                "Expected no `teacher` in an expert's `distillation`: the pipeline distills from its baseline."
+            )
+        source = self.run_dir / "baseline" / "model.pt2" if teacher is None else teacher
+        return KnowledgeDistillation(source, **spec.distillation)
+
     def moe_module(self, run: MoERun, experts: list[str] | None) -> pl.LightningModule:
         """The MoE phase's module (``experts=None`` builds it unbuilt: its arguments are checked alone)."""
         from lightning_hybridcomp.moe import MoELightningModule
@@ -312,7 +330,8 @@ class Pipeline:
             read_checkpoint(self.run_dir / "baseline" / "weights.pt", what="the baseline weights")
         )
         pruning, quantization = self.pruning_callback(spec), self.quantization_callback(spec)
-        callbacks: list[Callback] = [cb for cb in (pruning, quantization) if cb is not None]
+        distillation = self.distillation_callback(spec)
+        callbacks: list[Callback] = [cb for cb in (pruning, quantization, distillation) if cb is not None]
         trainer = self.phase_trainer(folder, f"expert-{spec.name}", spec.max_epochs, callbacks)
         self._fit(trainer, model, folder)
         artifact = folder / "expert.pt2"

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from lightning_hybridcomp._validation import is_int
+from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.moe.gate import feature_expert_index
@@ -149,6 +151,13 @@ def _check(pipeline: Pipeline) -> _Problems:
         for kind, arguments, cls, make in (
             ("pruning", expert.pruning, StructuredPruning, pipeline.pruning_callback),
             ("quantization", expert.quantization, QuantizationAwareTraining, pipeline.quantization_callback),
+            # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
+            (
+                "distillation",
+                expert.distillation,
+                KnowledgeDistillation,
+                partial(pipeline.distillation_callback, teacher=nn.Identity()),
+            ),
         ):
             if arguments is None:
                 continue

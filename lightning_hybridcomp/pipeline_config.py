@@ -148,6 +148,8 @@ class ExpertConfig:
         max_epochs: fine-tuning epochs of this expert (pruning steps and QAT happen within them).
         seed: seed of this expert's fine-tuning (data order, random importance).
         lr: learning rate for the fine-tuning, overriding the baseline model's ``lr`` when set.
+        distillation: ``KnowledgeDistillation`` arguments (``alpha``, ``temperature``; the teacher is the
+            baseline), or ``None`` to fine-tune on the labels alone.
     """
 
     name: str
@@ -156,6 +158,7 @@ class ExpertConfig:
     max_epochs: int = 6
     seed: int = 0
     lr: float | None = None
+    distillation: dict[str, Any] | None = None
 
 
 #: How a MoE phase uses the experts: ``"frozen"`` routes the int8 expert artifacts as they are;
@@ -390,6 +393,15 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
             problems.append(
                 (f"experts[{i}].name", f"Expected expert `name` to be a plain folder name, got {e.name!r}.")
             )
+        for kind in ("pruning", "quantization", "distillation"):
+            arguments = getattr(e, kind)
+            if arguments is not None and not isinstance(arguments, dict):
+                problems.append(
+                    (
+                        f"experts[{i}].{kind}",
+                        f"Expected `{kind}` to be a mapping of arguments, got {arguments!r}.",
+                    )
+                )
         if not is_int(e.max_epochs) or e.max_epochs < 1:
             problems.append(
                 (f"experts[{i}].max_epochs", f"Expected `max_epochs` >= 1, got {e.max_epochs!r}.")

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning_hybridcomp._io import file_lock, write_bytes_atomic
-from lightning_hybridcomp.pipeline_config import PipelineConfig, PipelineError, parse_pipeline_config
+from lightning_hybridcomp.pipeline_config import (
+    ExpertConfig,
+    PipelineConfig,
+    PipelineError,
+    parse_pipeline_config,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -101,6 +106,11 @@ class PhaseSpec:
         return _fingerprint(self.inputs)
 
 
+def _expert_settings(expert: ExpertConfig) -> dict[str, Any]:
+    # Without distillation an expert's fingerprint is the same as before the key existed: old runs stay done.
+    return {k: v for k, v in asdict(expert).items() if not (k == "distillation" and v is None)}
+
+
 def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
     """The phases of ``config`` in running order, each fingerprinted by exactly what it depends on."""
     trainer = {k: v for k, v in config.trainer.items() if k not in _COSMETIC_TRAINER_OPTIONS}
@@ -119,7 +129,7 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
         PhaseSpec(
             f"experts/{e.name}",
             f"expert {i + 1}/{len(config.experts)} '{e.name}'",
-            {"baseline": baseline.fingerprint, "expert": asdict(e)},
+            {"baseline": baseline.fingerprint, "expert": _expert_settings(e)},
             ("baseline",),
             e.max_epochs,
             ("expert", f"experts[{i}]"),

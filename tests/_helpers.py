@@ -53,6 +53,7 @@ MINI_PIPELINE: dict[str, Any] = {
             "name": "half",
             "pruning": {"pruning_ratio": 0.5, "iterative_steps": 1},
             "quantization": {"backend": "x86_pt2e"},
+            "distillation": {"alpha": 0.5, "temperature": 2.0},
             "max_epochs": 2,
         },
         {

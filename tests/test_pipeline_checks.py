@@ -66,6 +66,27 @@ def test_every_problem_is_reported_together(tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("distillation", "match"),
+    [
+        ({"alpha": 2}, r"^experts\[1\]\.distillation\.alpha: Expected `alpha` to be a float in \(0, 1\]"),
+        ({"temprature": 2.0}, r"^experts\[1\]\.distillation: .*temprature.*temperature"),
+        (
+            {"teacher": "other.pt2"},
+            r"^experts\[1\]\.distillation\S*: Expected no `teacher`.*distills from its baseline",
+        ),
+        (0.5, r"^experts\[1\]\.distillation: Expected `distillation` to be a mapping of arguments, got 0\.5"),
+    ],
+    ids=["alpha", "typo", "teacher", "not-a-mapping"],
+)
+def test_distillation_arguments_are_checked_before_training(tmp_path, distillation, match) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["experts"][1]["distillation"] = distillation
+    with pytest.raises(ValueError, match=match):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_layer_names_are_checked_against_the_model(tmp_path) -> None:
     raw = _raw(tmp_path / "run")
     raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
