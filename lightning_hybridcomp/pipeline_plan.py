@@ -300,7 +300,7 @@ def plan_run(
             are not finished.
         ValueError: if ``only`` names no phase of the configuration.
     """
-    problem = run_dir_problem(run_dir)
+    problem = run_dir_problem(run_dir) or (None if force and not only else _foreign_files_problem(run_dir))
     if problem is not None:
         raise PipelineError(problem)
     plan = plan_phases(run_dir, specs, force=force and not only)
@@ -347,6 +347,19 @@ def run_dir_problem(run_dir: Path) -> str | None:
     return None
 
 
+def _foreign_files_problem(run_dir: Path) -> str | None:
+    """Why a run may not write into ``run_dir`` without ``--force``: files but no pipeline run; else ``None``."""
+    if read_json(run_dir / CONFIG_FILE) is not None or not run_dir.is_dir():
+        return None
+    if any(p.name != _LOCKS for p in run_dir.iterdir()):
+        return (
+            f"The run directory {str(run_dir)!r} is not empty and holds no pipeline run. Choose"
+            " another --run_dir, or pass --force to use it anyway (only the pipeline's own files are"
+            " replaced)."
+        )
+    return None
+
+
 def _legacy_fingerprints(run_dir: Path, stored: dict[str, Any]) -> dict[str, PhaseSpec]:
     """The phase fingerprints of a run directory written with one fingerprint for the whole run."""
     try:
@@ -388,12 +401,8 @@ def _prepare_locked(run_dir: Path, config: PipelineConfig, *, force: bool) -> No
                 target.unlink()
     elif stored is not None and stored.get("format") != _FORMAT:
         _migrate(run_dir, stored)
-    elif stored is None and any(p.name != _LOCKS for p in run_dir.iterdir()):
-        raise PipelineError(
-            f"The run directory {str(run_dir)!r} is not empty and holds no pipeline run. Choose"
-            " another --run_dir, or pass --force to use it anyway (only the pipeline's own files are"
-            " replaced)."
-        )
+    elif (problem := _foreign_files_problem(run_dir)) is not None:
+        raise PipelineError(problem)
     phases = {spec.key: spec.fingerprint for spec in phase_specs(config)}
     write_json(
         marker,

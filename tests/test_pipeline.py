@@ -271,9 +271,13 @@ def test_non_pipeline_folder_is_refused(tmp_path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     raw = json.loads(json.dumps(MINI))
     raw["run_dir"] = str(tmp_path)
+    pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
     with pytest.raises(PipelineError, match="not empty and holds no pipeline run"):
-        Pipeline(parse_pipeline_config(raw), say=lambda _: None).run()
+        pipeline.plan()  # what --dry-run prints: the same refusal as the run's
+    with pytest.raises(PipelineError, match="not empty and holds no pipeline run"):
+        pipeline.run()
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert Pipeline(parse_pipeline_config(raw), force=True, say=lambda _: None).plan()  # --force may
 
 
 def test_force_redoes_everything_but_keeps_foreign_files(tmp_path) -> None:
