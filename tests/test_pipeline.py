@@ -343,12 +343,16 @@ def test_latencies_are_timed_side_by_side_in_rounds(tmp_path) -> None:
     raw = {**json.loads(json.dumps(MINI)), "run_dir": str(tmp_path / "run")}
     pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
     calls: list[tuple[str, int]] = []
+    batches: list[torch.Tensor] = []
 
     def model(name: str):
-        return lambda x: calls.append((name, len(x)))
+        return lambda x: calls.append((name, len(x))) or batches.append(x)
 
     rows = [ResultRow(name, "expert", 0.5, 1, 1.0, 1) for name in ("a", "b", "c")]
-    pipeline._add_latencies(rows, [model(r.name) for r in rows], torch.zeros(1, 1, 8, 8))
+    pipeline._add_latencies(rows, [model(r.name) for r in rows])
+    # Timed on the first test images, not on copies of one (a MoE routes copies all alike).
+    test_images = torch.cat([x for x, _ in pipeline._test_batches])
+    assert torch.equal(batches[-1], test_images[:64]) and not torch.equal(batches[-1][0], batches[-1][1])
     repeats, warmup = MINI["evaluation"]["repeats"], MINI["evaluation"]["warmup"]
     for size in (1, 64):
         timed = [name for name, n in calls if n == size][3 * (warmup + 1) :]  # after every warm-up call
