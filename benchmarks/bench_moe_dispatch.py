@@ -117,7 +117,7 @@ def main() -> None:
             },
         }
         compiled_gate = moe._compiled_gate[0] if moe._compiled_gate else moe.gate
-        parts[f"{name}"] = (moe, images)
+        parts[name] = (moe, images)
         parts[f"{name} | power-of-two buckets, eager gate"] = (_dispatch_with(moe, pow2, moe.gate, k), images)
         parts[f"{name} | bucket_size buckets, eager gate"] = (_dispatch_with(moe, fine, moe.gate, k), images)
         parts[f"{name} | gate (eager)"] = (moe.gate, images)

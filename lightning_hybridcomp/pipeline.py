@@ -415,6 +415,11 @@ class Pipeline:
         dm.setup("test")
         return [(inputs_from_batch(batch), batch[1]) for batch in dm.test_dataloader()]
 
+    @functools.cached_property
+    def _test_images(self) -> Tensor:
+        """The test split's images in one tensor (routing statistics, latency batches)."""
+        return torch.cat([x for x, _ in self._test_batches])
+
     def _accuracy(self, forward: Callable[[Tensor], Tensor]) -> float:
         correct = total = 0
         with torch.no_grad():
@@ -429,7 +434,7 @@ class Pipeline:
         Distinct images, so that a MoE is timed on the routing real data gives: a batch of copies of one
         image would send every row to the same experts, none of them padded.
         """
-        images = torch.cat([x for x, _ in self._test_batches])
+        images = self._test_images
         repeats = -(-size // images.shape[0])
         return images.repeat(repeats, *[1] * (images.dim() - 1))[:size].contiguous()
 
@@ -489,7 +494,7 @@ class Pipeline:
             compiled = [r.compiled is not None for r in moe.expert_records]
             runtime = "inductor" if all(compiled) else "eager" if not any(compiled) else "inductor and eager"
             accuracy = self._accuracy(moe)
-            stats = moe.routing_statistics(torch.cat([x for x, _ in self._test_batches]))
+            stats = moe.routing_statistics(self._test_images)
             forwards.append(moe)
             rows.append(
                 ResultRow(

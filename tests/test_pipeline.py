@@ -351,7 +351,7 @@ def test_latencies_are_timed_side_by_side_in_rounds(tmp_path) -> None:
     rows = [ResultRow(name, "expert", 0.5, 1, 1.0, 1) for name in ("a", "b", "c")]
     pipeline._add_latencies(rows, [model(r.name) for r in rows])
     # Timed on the first test images, not on copies of one (a MoE routes copies all alike).
-    test_images = torch.cat([x for x, _ in pipeline._test_batches])
+    test_images = torch.cat([x for x, _ in pipeline._test_batches])  # independently of _test_images
     assert torch.equal(batches[-1], test_images[:64]) and not torch.equal(batches[-1][0], batches[-1][1])
     repeats, warmup = MINI["evaluation"]["repeats"], MINI["evaluation"]["warmup"]
     for size in (1, 64):

@@ -60,7 +60,8 @@ class BucketedExpert(nn.Module):
     slow eager int8. With buckets every size compiles once, about ``2 log2(B)`` sizes for batches of ``B``;
     for this expert's calls only, Dynamo's limit is raised to cover every bucket (two per power of two, so
     fewer than 64 below a batch of ``2**31``, also when two bucket rules share one compiled expert), so
-    none falls back to eager. :attr:`buckets` holds the sizes it ran at. Rows are independent in eval mode, so the real rows' outputs are unchanged.
+    none falls back to eager. :attr:`buckets` holds the sizes it ran at. Rows are independent in eval mode,
+    so the real rows' outputs are unchanged.
 
     Args:
         compiled: the compiled expert (:func:`~lightning_hybridcomp.artifacts.compile_artifact`).
