@@ -67,6 +67,8 @@ __all__ = ["FLOAT_ARTIFACT", "Pipeline", "PipelineError", "run_pipeline"]
 
 #: Next to each PT2E-quantized expert's ``expert.pt2``: its fp32 twin, which a ``"tuned"`` MoE fine-tunes.
 FLOAT_ARTIFACT = "expert-float.pt2"
+# What each MoE row records of :meth:`MoELightningModule.routing_headroom` on the test split.
+HEADROOM_KEYS = ("ensemble_accuracy", "oracle_accuracy", "agreement", "gate_hit_rate")
 
 
 def _tensorboard_available() -> bool:
@@ -420,6 +422,11 @@ class Pipeline:
         """The test split's images in one tensor (routing statistics, latency batches)."""
         return torch.cat([x for x, _ in self._test_batches])
 
+    @functools.cached_property
+    def _test_labels(self) -> Tensor:
+        """The test split's labels in one tensor, aligned with :attr:`_test_images`."""
+        return torch.cat([y for _, y in self._test_batches])
+
     def _accuracy(self, forward: Callable[[Tensor], Tensor]) -> float:
         correct = total = 0
         with torch.no_grad():
@@ -495,6 +502,7 @@ class Pipeline:
             runtime = "inductor" if all(compiled) else "eager" if not any(compiled) else "inductor and eager"
             accuracy = self._accuracy(moe)
             stats = moe.routing_statistics(self._test_images)
+            headroom = moe.routing_headroom(self._test_images, self._test_labels)
             forwards.append(moe)
             rows.append(
                 ResultRow(
@@ -509,6 +517,7 @@ class Pipeline:
                         "top_k": run.k,
                         "variant": run.variant,
                         "runtime": runtime,
+                        **{k: headroom[k] for k in HEADROOM_KEYS},
                     },
                 )
             )

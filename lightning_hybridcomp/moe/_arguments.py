@@ -14,7 +14,7 @@ from lightning_hybridcomp.moe.experts import EXPERT_FORMATS
 
 __all__ = ["ASSIGNMENT_TARGETS", "check_expert_count", "check_moe_arguments", "check_top_k"]
 
-ASSIGNMENT_TARGETS = ("hard", "soft")
+ASSIGNMENT_TARGETS = ("hard", "soft", "oracle")
 
 
 def check_expert_count(value: Any, name: str, num_experts: int | None) -> None:

@@ -137,7 +137,11 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             batch (:func:`~lightning_hybridcomp.moe.routing.balanced_assignment`; 0 turns it off).
         assignment_target: ``"hard"`` (default): each sample's target is the one expert it is assigned
             to; ``"soft"``: its Sinkhorn shares. The soft target cannot separate experts the router scores
-            alike, and one of them is then never the top-1 choice (measured in the MoE guide).
+            alike, and one of them is then never the top-1 choice (measured in the MoE guide). Both know
+            nothing of the label; ``"oracle"`` gives each sample, among the experts that classify it right
+            (where they disagree), the one the balanced partition prefers (:meth:`assignment_targets`): the
+            router learns whom to trust, also at ``top_k=1``, at the cost of every expert running on every
+            training sample (without gradient).
         noisy_gating: add Shazeer's learned Gaussian noise to the router logits in training.
         capacity_factor: ``None`` (default) for no limit, else each expert takes at most
             ``ceil(capacity_factor * B * k / N)`` samples of a batch, keeping the highest gate weights;
@@ -444,10 +448,18 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             x: ``[B, *input_shape]`` images.
             gating: the routing decision of :meth:`route`.
         """
-        runners = [r.module if self.training or r.compiled is None else r.compiled for r in self._records]
         return sparse_dispatch(
-            x, gating, runners, self.num_classes, self._capacity_keep(gating), normalise=not self.training
+            x,
+            gating,
+            self._expert_runners(),
+            self.num_classes,
+            self._capacity_keep(gating),
+            normalise=not self.training,
         )
+
+    def _expert_runners(self) -> list[Callable[[Tensor], Tensor]]:
+        """The experts as the current mode runs them: compiled outside training where they were compiled."""
+        return [r.module if self.training or r.compiled is None else r.compiled for r in self._records]
 
     def dense_reference(self, x: Tensor, gating: TopKGating, keep: Tensor | None = None) -> Tensor:
         """Reference for :meth:`dispatch`: run every expert on every sample and mask with the dense gates.
@@ -479,10 +491,12 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         balance = load_balancing_loss(gating.probs, mask, self.balance_coefficient)
         importance = importance_loss(dense_gates(gating), self.importance_coefficient)
         z_loss = router_z_loss(clean_logits, self.z_loss_coefficient)
-        assignment = assignment_loss(
-            clean_logits,
-            balanced_assignment(clean_logits, hard=self.assignment_target == "hard"),
-            self.assignment_coefficient,
+        assignment = (
+            assignment_loss(
+                clean_logits, self.assignment_targets(x, y, clean_logits), self.assignment_coefficient
+            )
+            if self.assignment_coefficient > 0
+            else clean_logits.new_zeros(())
         )
         loss = task + balance + importance + z_loss + assignment
         batch_size = x.shape[0]
@@ -501,6 +515,27 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 "moe/train/dropped", dropped, on_step=True, on_epoch=True, reduce_fx="sum", sync_dist=True
             )
         return loss
+
+    @torch.no_grad()
+    def assignment_targets(self, x: Tensor, y: Tensor, clean_logits: Tensor) -> Tensor:
+        """``[B, N]`` one-hot (``"soft"``: Sinkhorn) targets of the router's assignment loss for a batch.
+
+        ``"hard"`` and ``"soft"`` balance the router's own logits (:func:`balanced_assignment`). ``"oracle"``
+        balances them among the experts that classify each sample right, where some expert does and not all
+        do: the router's own partition where the experts agree, a right expert where they do not. The
+        experts run on every sample for it, without gradient and in eval mode (as they are used: no dropout,
+        and fake-quant experts keep their quantization ranges).
+
+        Args:
+            x: ``[B, *input_shape]`` images.
+            y: ``[B]`` labels.
+            clean_logits: ``[B, N]`` router logits without noise (:meth:`route`).
+        """
+        if self.assignment_target != "oracle":
+            return balanced_assignment(clean_logits, hard=self.assignment_target == "hard")
+        with training_mode(self.experts, False):
+            right = torch.stack([run(x).argmax(dim=-1) == y for run in self._expert_runners()], dim=1)
+        return balanced_assignment(clean_logits, hard=True, allowed=right)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -552,6 +587,69 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             for chunk in x.split(batch_size):
                 self._update_routing(metric, chunk.to(self.device), None)
         return {k: v for k, v in metric.compute().items() if k not in ("acc", "loss")}
+
+    @torch.no_grad()
+    def routing_headroom(self, x: Tensor, y: Tensor, batch_size: int = 256) -> dict[str, Any]:
+        """How much accuracy routing can win with these experts, measured on the labelled images ``x``, ``y``.
+
+        Every expert runs on every image (this costs all experts; for evaluation). Returns a dict with
+
+        * ``accuracy``: the MoE's own, at its evaluation routing;
+        * ``expert_accuracy``: each expert alone (list);
+        * ``ensemble_accuracy``: the experts' probabilities averaged with equal weights (the cost of all N);
+        * ``oracle_accuracy``: the share of images at least one expert classifies right, what a top-1 gate
+          that always picks a right expert would reach: no routing at k = 1 exceeds it;
+        * ``agreement``: the share of images on which every expert predicts the same class;
+        * ``gate_hit_rate``: among the images some expert classifies right, the share whose top-1 expert
+          (the gate's first choice) is one of them.
+
+        An oracle close to the best expert means the experts err on the same images, so no gate can recover
+        accuracy at k = 1; a low hit rate beside a high oracle means the gate does not tell which expert to
+        trust.
+
+        Args:
+            x: ``[n, *input_shape]`` images.
+            y: ``[n]`` class labels.
+            batch_size: images evaluated at a time.
+
+        Raises:
+            ValueError: for labels that do not match the images.
+        """
+        expect_int(batch_size, "batch_size", low=1)
+        self._require_built()
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"Expected `y` to hold one label per image ({x.shape[0]}), got shape {tuple(y.shape)}."
+            )
+        moe_right = torch.zeros((), dtype=torch.long)
+        expert_right = torch.zeros(self.num_experts, dtype=torch.long)
+        counts = dict.fromkeys(("ensemble", "oracle", "agree", "hit"), 0)
+        with training_mode(self, False):
+            runners = self._expert_runners()
+            for chunk, labels in zip(x.split(batch_size), y.split(batch_size)):
+                chunk, labels = chunk.to(self.device), labels.to(self.device)
+                gating, _ = self.route(chunk)
+                moe_right += (
+                    (log_mixture(self.dispatch(chunk, gating).probs).argmax(-1) == labels).sum().cpu()
+                )
+                probs = torch.stack([run(chunk).float().softmax(dim=-1) for run in runners])  # [N, B, C]
+                predictions = probs.argmax(dim=-1)
+                right = predictions == labels  # [N, B]
+                expert_right += right.sum(dim=1).cpu()
+                first_choice_right = right.gather(0, gating.indices[:, :1].T).squeeze(0)
+                counts["ensemble"] += int((probs.mean(dim=0).argmax(dim=-1) == labels).sum())
+                counts["oracle"] += int(right.any(dim=0).sum())
+                counts["agree"] += int((predictions == predictions[:1]).all(dim=0).sum())
+                counts["hit"] += int(first_choice_right.sum())
+        n = max(int(x.shape[0]), 1)
+        return {
+            "accuracy": int(moe_right) / n,
+            "expert_accuracy": [int(c) / n for c in expert_right],
+            "ensemble_accuracy": counts["ensemble"] / n,
+            "oracle_accuracy": counts["oracle"] / n,
+            "agreement": counts["agree"] / n,
+            "gate_hit_rate": counts["hit"] / max(counts["oracle"], 1),
+        }
 
     @override
     def on_validation_epoch_start(self) -> None:

@@ -222,8 +222,17 @@ def router_z_loss(logits: Tensor, coefficient: float = 1.0) -> Tensor:
     return coefficient * torch.logsumexp(logits, dim=-1).square().mean()
 
 
+#: The log-share of an expert a sample is not allowed to (finite, so a column of them stays defined).
+_EXCLUDED = -1e4
+
+
 def balanced_assignment(
-    logits: Tensor, *, temperature: float = 0.5, iterations: int = 10, hard: bool = False
+    logits: Tensor,
+    *,
+    temperature: float = 0.5,
+    iterations: int = 10,
+    hard: bool = False,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     r"""``[B, N]`` balanced soft assignment of a batch to the experts, the target of :func:`assignment_loss`.
 
@@ -241,11 +250,18 @@ def balanced_assignment(
     decided by the sign of that hair relative to the rest of the batch, and the cross-entropy widens the
     difference it was decided on, so the split becomes a stable partition.
 
+    ``allowed`` (``[B, N]`` bool, e.g. which experts classify each sample right) restricts each sample to
+    its allowed experts wherever it has any: the others are pushed out by a large penalty before balancing.
+    A sample every expert may take, or none, is assigned from the router alone. With the experts that are
+    right as ``allowed``, the target is the balanced *oracle* routing: the router's own partition where the
+    experts agree, a right expert where they do not.
+
     Args:
         logits: ``[B, N]`` router logits.
         temperature: sharpness of the assignment (smaller: closer to a hard balanced assignment).
         iterations: Sinkhorn iterations.
         hard: one-hot rows (each sample to its largest share) instead of the soft assignment.
+        allowed: ``[B, N]`` bool, the experts each sample may be assigned to, or ``None`` for all.
 
     Raises:
         ValueError: for logits that are not ``[B, N]`` or a non-positive temperature.
@@ -269,6 +285,13 @@ def balanced_assignment(
         return torch.full_like(z, 1.0 / num_experts)
     z = (z - z.mean(dim=0)) / (z.std(dim=0, unbiased=False) + 1e-6)
     log_p = z / temperature
+    if allowed is not None:
+        if allowed.shape != z.shape:
+            raise ValueError(
+                f"Expected `allowed` to have the shape of `logits` {tuple(z.shape)}, got {tuple(allowed.shape)}."
+            )
+        restricted = allowed.any(dim=1, keepdim=True) & ~allowed.bool()
+        log_p = log_p.masked_fill(restricted, _EXCLUDED)
     column = torch.log(torch.tensor(batch / num_experts, dtype=z.dtype, device=z.device))
     for _ in range(iterations):
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + column

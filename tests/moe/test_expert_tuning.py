@@ -212,3 +212,39 @@ def test_fake_quant_experts_are_not_exported_to_the_edge(tuned: SimpleNamespace,
     with pytest.raises(ValueError, match=r"fake-quant networks .* call `moe.convert_experts_\(\)` first"):
         export_executorch(moe, tmp_path / "moe.pte")
     assert not (tmp_path / "moe.pte").exists()
+
+
+def _observed_ranges(moe: MoELightningModule) -> dict[str, Tensor]:
+    return {
+        f"{i}.{k}": v.clone()
+        for i, expert in enumerate(moe.experts)
+        for k, v in expert.state_dict().items()
+        if k.endswith(("min_val", "max_val", "scale", "zero_point"))
+    }
+
+
+def test_oracle_targets_leave_the_fake_quant_ranges_alone(data: SimpleNamespace) -> None:
+    moe = _moe(assignment_target="oracle")
+    moe.setup("fit")
+    assert moe.expert_stage == "fake_quant"
+    moe.train()
+    x, y = next(iter(data.train))
+    for expert in moe.experts:
+        expert(x)  # the training passes of a batch observe it
+    before = _observed_ranges(moe)
+    assert before
+    targets = moe.assignment_targets(x, y, moe.route(x)[1])
+    assert torch.equal(targets.sum(-1), torch.ones(len(y)))
+    assert all(expert.training for expert in moe.experts)
+    after = _observed_ranges(moe)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    moe.experts[0](3 * x)  # a training pass observes, as before
+    assert any(not torch.equal(before[k], v) for k, v in _observed_ranges(moe).items() if k.startswith("0."))
+
+
+def test_tuned_experts_train_with_oracle_targets(data: SimpleNamespace, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    moe = _moe(assignment_target="oracle")
+    fast_trainer(tmp_path, max_epochs=1, limit_train_batches=3).fit(moe, data.train)
+    assert moe.expert_stage == "converted"
+    assert moe.trainer.callback_metrics["moe/loss/assignment"] > 0

@@ -752,7 +752,7 @@ def _experts_with(*extra: nn.Module) -> list[nn.Module]:
         (
             dict(assignment_target="sharp"),
             ValueError,
-            r"Expected `assignment_target` to be one of \('hard', 'soft'\), got 'sharp'",
+            r"Expected `assignment_target` to be one of \('hard', 'soft', 'oracle'\), got 'sharp'",
         ),
         (dict(gate_channels=0), ValueError, r"Expected `gate_channels` to be an integer >= 1"),
         (dict(gate_input_size=0), ValueError, r"Expected `gate_input_size` to be an integer >= 1"),

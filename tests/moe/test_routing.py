@@ -201,3 +201,93 @@ def test_assignment_loss_against_a_reference() -> None:
     torch.testing.assert_close(assignment_loss(logits, target, 0.3), expected)
     with pytest.raises(ValueError, match="Expected `target` to have the shape of `logits`"):
         assignment_loss(logits, target[:2])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_routing_headroom_of_specialists(specialists, k) -> None:
+    moe = specialists
+    moe.eval_top_k = k
+    _, _, (x, y) = _loaders()
+    headroom = moe.routing_headroom(x, y, batch_size=50)
+    with torch.no_grad():
+        predictions = torch.stack([e(x).argmax(-1) for e in moe.experts])
+        ensemble = torch.stack([e(x).softmax(-1) for e in moe.experts]).mean(0).argmax(-1)
+        first_choice = moe.route(x)[0].indices[:, 0]
+        accuracy = (moe(x).argmax(-1) == y).float().mean().item()
+    # Each specialist is right on its third of the classes, so together they cover every image.
+    assert headroom["expert_accuracy"] == pytest.approx([1 / 3] * NUM_EXPERTS)
+    assert headroom["oracle_accuracy"] == 1.0
+    assert headroom["accuracy"] == pytest.approx(accuracy)
+    assert headroom["ensemble_accuracy"] == pytest.approx((ensemble == y).float().mean().item())
+    assert headroom["agreement"] == pytest.approx(
+        (predictions == predictions[0]).all(0).float().mean().item()
+    )
+    # The owner's answer is outvoted by the two others' shared wrong one: averaging loses what routing finds.
+    assert headroom["ensemble_accuracy"] < 0.5 < headroom["accuracy"]
+    hits = (predictions.gather(0, first_choice[None]) == y).float().mean().item()
+    assert headroom["gate_hit_rate"] == pytest.approx(hits) and hits >= 0.95
+
+
+def test_routing_headroom_checks_its_labels(specialists) -> None:
+    _, _, (x, y) = _loaders()
+    with pytest.raises(ValueError, match="one label per image"):
+        specialists.routing_headroom(x, y[:-1])
+
+
+def _owner_of(y: Tensor) -> Tensor:
+    return y // 2  # _owners(): expert j owns classes 2j and 2j + 1
+
+
+def test_oracle_target_assigns_each_sample_to_an_expert_that_is_right() -> None:
+    moe = MoELightningModule(
+        [Specialist(o) for o in _owners()], input_shape=IMAGE, assignment_target="oracle"
+    ).train()
+    _, _, (x, y) = _loaders()
+    # A router that knows nothing yet (equal logits) and one that prefers the wrong expert everywhere.
+    for logits in (
+        torch.zeros(len(y), NUM_EXPERTS),
+        3.0 * torch.nn.functional.one_hot((_owner_of(y) + 1) % 3),
+    ):
+        target = moe.assignment_targets(x, y, logits.float())
+        assert torch.equal(target.argmax(-1), _owner_of(y))
+        assert torch.equal(target.sum(-1), torch.ones(len(y)))  # one-hot rows
+    # The label-blind targets follow the router instead.
+    moe.assignment_target = "hard"
+    blind = moe.assignment_targets(x, y, 3.0 * torch.nn.functional.one_hot((_owner_of(y) + 1) % 3).float())
+    assert torch.equal(blind.argmax(-1), (_owner_of(y) + 1) % 3)
+
+
+def test_oracle_target_teaches_a_router_trained_at_top1() -> None:
+    """At ``top_k=1`` the task loss only rewards confidence in the winner; the oracle target says who is right."""
+    accuracy = {}
+    for target in ("hard", "oracle"):
+        pl.seed_everything(0)
+        train, val, (x, y) = _loaders()
+        moe = MoELightningModule(
+            [Specialist(o) for o in _owners()],
+            top_k=1,
+            input_shape=IMAGE,
+            learning_rate=1e-2,
+            assignment_target=target,
+        )
+        fast_trainer(max_epochs=8, limit_val_batches=1).fit(moe, train, val)
+        accuracy[target] = moe.eval().routing_headroom(x, y)["accuracy"]
+    assert accuracy["oracle"] >= 0.95
+    assert accuracy["oracle"] > accuracy["hard"] + 0.2, accuracy
+
+
+def test_allowed_experts_restrict_only_the_samples_they_split() -> None:
+    logits = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    free = balanced_assignment(logits, hard=True)
+    allowed = torch.ones(12, 3, dtype=torch.bool)
+    allowed[0] = torch.tensor([False, False, True])  # only expert 2 is right
+    allowed[1] = False  # no expert is right: the router decides
+    allowed[2] = torch.tensor([True, True, False])
+    target = balanced_assignment(logits, hard=True, allowed=allowed)
+    assert target[0].argmax() == 2 and target[2].argmax() != 2
+    assert torch.equal(target[1], free[1])
+    assert torch.equal(
+        balanced_assignment(logits, hard=True, allowed=torch.ones(12, 3, dtype=torch.bool)), free
+    )
+    with pytest.raises(ValueError, match="`allowed` to have the shape"):
+        balanced_assignment(logits, allowed=allowed[:, :2])
