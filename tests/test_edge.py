@@ -178,6 +178,16 @@ def test_inductor_refuses_xnnpack_int8_and_the_moe_keeps_such_experts_eager(
     assert [r.compiled is not None for r in moe.expert_records] == [False, True]
     with torch.no_grad():
         assert moe(test_images[:8]).shape == (8, 10)
+    # A gate on that expert's features holds its int8 graph: it stays eager too, and routes as uncompiled.
+    for gate, compiled in (("expert:0", False), ("expert:1", True)):
+        moe = MoELightningModule(
+            [int8.root / "model.pt2", fp32.net], top_k=1, input_shape=[1, IMAGE, IMAGE], gate=gate
+        ).eval()
+        with torch.no_grad():
+            eager = moe(test_images[:8])
+            moe.compile_experts_()
+            assert (moe._compiled_gate is not None) == compiled
+            torch.testing.assert_close(moe(test_images[:8]), eager)
 
 
 def test_xnnpack_checkpoint_rebuilds_for_predict(

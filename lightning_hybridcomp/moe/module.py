@@ -369,8 +369,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         (:class:`~lightning_hybridcomp.moe.dispatch.BucketedExpert`), so each expert compiles once per bucket
         it meets (about ``2 log2(B)`` times for batches of ``B``) instead of once per sub-batch size. Experts
         quantized with XNNPACK's scheme (signed int8 activations), which inductor's x86 int8 kernels cannot
-        run, stay eager (their ``compiled`` stays ``None``); ExecuTorch runs them fast. The gate compiles
-        once for every batch size (a dynamic batch, without freezing: it reads its current weights).
+        run, stay eager (their ``compiled`` stays ``None``), and so does a gate on the features of one of them;
+        ExecuTorch runs them fast. The gate compiles once for every batch size (a dynamic batch, without
+        freezing: it reads its current weights).
 
         Args:
             gate: also compile the gate.
@@ -386,7 +387,11 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             else replace(r, compiled=BucketedExpert(compile_artifact(r.module)))
             for r in self._records
         ]
-        self._compiled_gate = (_InferenceOnly(torch.compile(self.gate, dynamic=True)),) if gate else None
+        # A gate holding such a graph (`gate="expert:<i>"` on an XNNPACK int8 expert) stays eager as well.
+        compile_gate = gate and not signed_int8_activations(self.gate)
+        self._compiled_gate = (
+            (_InferenceOnly(torch.compile(self.gate, dynamic=True)),) if compile_gate else None
+        )
         return self
 
     @property
