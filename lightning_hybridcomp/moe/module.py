@@ -626,16 +626,15 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             raise ValueError(
                 f"Expected `y` to hold one label per image ({x.shape[0]}), got shape {tuple(y.shape)}."
             )
-        moe_right = torch.zeros((), dtype=torch.long)
         expert_right = torch.zeros(self.num_experts, dtype=torch.long)
-        counts = dict.fromkeys(("ensemble", "oracle", "agree", "hit"), 0)
+        counts = dict.fromkeys(("moe", "ensemble", "oracle", "agree", "hit"), 0)
         with training_mode(self, False):
             runners = self._expert_runners()
             for chunk, labels in zip(x.split(batch_size), y.split(batch_size)):
                 chunk, labels = chunk.to(self.device), labels.to(self.device)
                 gating, _ = self.route(chunk)
-                moe_right += (
-                    (log_mixture(self.dispatch(chunk, gating).probs).argmax(-1) == labels).sum().cpu()
+                counts["moe"] += int(
+                    (log_mixture(self.dispatch(chunk, gating).probs).argmax(-1) == labels).sum()
                 )
                 probs = torch.stack([run(chunk).float().softmax(dim=-1) for run in runners])  # [N, B, C]
                 predictions = probs.argmax(dim=-1)
@@ -648,7 +647,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 counts["hit"] += int(first_choice_right.sum())
         n = max(int(x.shape[0]), 1)
         return {
-            "accuracy": int(moe_right) / n,
+            "accuracy": counts["moe"] / n,
             "expert_accuracy": [int(c) / n for c in expert_right],
             "ensemble_accuracy": counts["ensemble"] / n,
             "oracle_accuracy": counts["oracle"] / n,
