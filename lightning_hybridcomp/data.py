@@ -1,4 +1,5 @@
-"""Datamodules: the embedded handwritten-digits default, CIFAR-10, MNIST and any ImageFolder tree.
+"""Datamodules: the embedded handwritten-digits default, Fashion-MNIST, CIFAR-10, MNIST, any ImageFolder tree,
+and :class:`ClassEmphasis`, which gives any datamodule's training data an emphasis on some classes.
 
 The digits data ships inside the package, so the default run needs no network. The torchvision
 datamodules download only when asked to (``download=True``).
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 __all__ = [
     "CIFAR10DataModule",
+    "ClassEmphasis",
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "dataset_labels",
     "load_digits",
     "read_idx",
 ]
@@ -528,3 +531,158 @@ class ImageFolderDataModule(_SplitDataModule):
         self.train_set = Subset(dataset, train_idx.tolist())
         self.val_set = Subset(dataset, val_idx.tolist())
         self.test_set = Subset(dataset, test_idx.tolist())
+
+
+class ClassEmphasis(pl.LightningDataModule):
+    """Any datamodule, with some classes drawn more often in training: an expert's data emphasis.
+
+    The training loader draws as many samples per epoch as the training set holds, with replacement, a
+    sample of ``classes`` ``weight`` times as likely as any other; validation, test and predict are the
+    wrapped datamodule's, so every model is measured on the same data. Experts trained with different
+    emphases make different mistakes by design, which a gate can learn to route around. The draw is seeded
+    per epoch, so a fit resumed from a checkpoint sees the samples an uninterrupted one does; under DDP
+    Lightning shards it (``DistributedSamplerWrapper``).
+
+    Args:
+        datamodule: the datamodule to wrap; its training dataset yields ``(input, label)`` pairs.
+        classes: the emphasized class indices.
+        weight: how much likelier a sample of ``classes`` is drawn than another (above 0; 1 draws all alike).
+        seed: seed of the draws.
+
+    Raises:
+        ValueError: for an empty ``classes``, a negative or repeated class, or a ``weight`` not above 0; at
+            the first training loader, for a class the training labels do not hold.
+        TypeError: for a ``datamodule`` that is not a ``LightningDataModule``.
+
+    Example::
+
+        >>> from lightning_hybridcomp.data import DigitsDataModule
+        >>> dm = ClassEmphasis(DigitsDataModule(image_size=8), classes=[3, 8], weight=4.0)
+        >>> dm.setup("fit")
+        >>> labels = torch.cat([y for _, y in dm.train_dataloader()])
+        >>> bool(torch.isin(labels, torch.tensor([3, 8])).float().mean() > 0.35)  # 2 of 10 classes, 4x
+        True
+    """
+
+    def __init__(
+        self, datamodule: pl.LightningDataModule, classes: Sequence[int], weight: float = 4.0, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if not isinstance(datamodule, pl.LightningDataModule):
+            raise TypeError(
+                f"Expected `datamodule` to be a LightningDataModule, got {type(datamodule).__name__}."
+            )
+        if (
+            isinstance(classes, (str, bytes))
+            or not isinstance(classes, Sequence)
+            or not classes
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise ValueError(
+                f"Expected `classes` to be a non-empty list of distinct class indices (integers >= 0), got"
+                f" {classes!r}."
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"Expected `weight` to be a number above 0, got {weight!r}.")
+        self.datamodule = datamodule
+        self.classes = [int(c) for c in classes]
+        self.weight = float(weight)
+        self.seed = int(seed)
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.datamodule.setup(stage)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        loader = self.datamodule.train_dataloader()
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"Expected {type(self.datamodule).__name__}.train_dataloader() to return one DataLoader, got"
+                f" {type(loader).__name__}."
+            )
+        labels = dataset_labels(loader.dataset)
+        absent = sorted(set(self.classes) - set(labels.unique().tolist()))
+        if absent:
+            raise ValueError(
+                f"Expected every emphasized class to be among the training labels, got {absent} (the labels"
+                f" are {labels.min().item()}..{labels.max().item()})."
+            )
+        emphasized = torch.isin(labels, torch.tensor(self.classes))
+        weights = torch.where(emphasized, self.weight, 1.0).double()
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=_EpochSeededSampler(weights, self.seed),
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            persistent_workers=loader.persistent_workers,
+        )
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    # The wrapped datamodule's batch hooks and state stay its own.
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return self.datamodule.transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict)
+
+    def teardown(self, stage: str) -> None:
+        self.datamodule.teardown(stage)
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+
+def dataset_labels(dataset: Dataset[Any]) -> Tensor:
+    """The label of every sample of ``dataset``: from its tensors or ``targets`` where it has them, else read.
+
+    Subsets are followed to the dataset they index, so no input is loaded or transformed for them either.
+    """
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1].long().reshape(-1)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).long().reshape(-1)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)  # type: ignore[arg-type]
+
+
+class _EpochSeededSampler(Sampler[int]):
+    """Draws ``len(weights)`` indices with replacement, in proportion to ``weights``, seeded by the epoch."""
+
+    def __init__(self, weights: Tensor, seed: int) -> None:
+        self.weights = weights
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch's start (directly, or through its DDP wrapper)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator)
+        return iter(drawn.tolist())

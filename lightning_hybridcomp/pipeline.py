@@ -38,6 +38,7 @@ from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.qat_backends import PT2E_BACKENDS
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+from lightning_hybridcomp.data import ClassEmphasis
 from lightning_hybridcomp.pipeline_checks import check_pipeline
 from lightning_hybridcomp.pipeline_config import (
     ExpertConfig,
@@ -205,15 +206,23 @@ class Pipeline:
         kwargs.update(self.config.trainer)
         return pl.Trainer(**kwargs)
 
-    def _fit(self, trainer: pl.Trainer, model: pl.LightningModule, folder: Path) -> None:
+    def _fit(
+        self,
+        trainer: pl.Trainer,
+        model: pl.LightningModule,
+        folder: Path,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> None:
         """Fit, resuming from the phase's last checkpoint when an earlier run was interrupted.
 
         A last checkpoint of a finished fit (the run stopped before the phase's files were written) is
         restored with ``validate`` instead: it rebuilds the final (pruned, int8) structure and weights
         without training. A last checkpoint that cannot be read (Lightning writes it atomically, so only a
         file damaged on disk or copied in part) is deleted and the phase starts again from its first epoch.
-        Under DDP, rank zero's reading of the checkpoint decides for every rank.
+        Under DDP, rank zero's reading of the checkpoint decides for every rank. ``datamodule`` defaults to
+        the configured one.
         """
+        datamodule = self.datamodule if datamodule is None else datamodule
         last = folder / "checkpoints" / "last.ckpt"
         completed: int | None = None
         unreadable: str | None = None
@@ -227,15 +236,15 @@ class Pipeline:
             self._say(f"{unreadable} Deleting it; this phase starts again from its first epoch.")
             on_rank_zero(lambda: last.unlink(missing_ok=True), what=f"deleting {last}")
         if completed is None:
-            trainer.fit(model, datamodule=self.datamodule)
+            trainer.fit(model, datamodule=datamodule)
             return
         self._say(f"resuming from {last}")
         if completed >= (trainer.max_epochs or 0):
-            trainer.validate(model, datamodule=self.datamodule, ckpt_path=str(last), verbose=False)
+            trainer.validate(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)
         else:
             with warnings.catch_warnings():  # the folder holds the very checkpoint this fit resumes from
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
-                trainer.fit(model, datamodule=self.datamodule, ckpt_path=str(last))
+                trainer.fit(model, datamodule=datamodule, ckpt_path=str(last))
 
     def baseline_model(self, lr: float | None = None, *, device: str | None = None) -> pl.LightningModule:
         """The configured LightningModule (with ``lr`` overriding its ``lr``), built on ``device`` if given.
@@ -247,6 +256,15 @@ class Pipeline:
             spec.init_args["lr"] = lr
         with torch.device(device) if device is not None else contextlib.nullcontext():
             return spec.instantiate(pl.LightningModule, section="baseline.model")
+
+    def expert_datamodule(
+        self, spec: ExpertConfig, datamodule: pl.LightningDataModule | None = None
+    ) -> pl.LightningDataModule:
+        """The data the expert trains on: the configured datamodule (or ``datamodule``), with its ``emphasis``."""
+        datamodule = self.datamodule if datamodule is None else datamodule
+        if spec.emphasis is None:
+            return datamodule
+        return ClassEmphasis(datamodule, seed=spec.seed, **spec.emphasis)
 
     def pruning_callback(self, spec: ExpertConfig) -> StructuredPruning | None:
         """The expert's ``StructuredPruning`` (``None`` when its config prunes nothing)."""
@@ -277,9 +295,9 @@ class Pipeline:
         """The MoE phase's module (``experts=None`` builds it unbuilt: its arguments are checked alone)."""
         from lightning_hybridcomp.moe import MoELightningModule
 
-        # The task loss tells a router which expert is better only through competing weights (k >= 2; at
-        # k = 1 it only rewards confidence in whatever won), so a top-1 MoE trains at k = 2 and routes at 1.
-        options = {"top_k": max(run.k, 2), "eval_top_k": run.k, **self.config.moe.options}
+        moe = self.config.moe
+        # Options come last: a wrong `top_k` or `eval_top_k` there reaches the module, which refuses it.
+        options = {"top_k": moe.training_top_k(run.k), "eval_top_k": moe.eval_top_k(run.k), **moe.options}
         if run.variant == "tuned":
             # Each expert's fp32 network learns, in fake-quant form, on the samples routed to it.
             options.update(quantize_experts=tuned_backend(self.config), freeze_experts=False)
@@ -335,7 +353,7 @@ class Pipeline:
         distillation = self.distillation_callback(spec)
         callbacks: list[Callback] = [cb for cb in (pruning, quantization, distillation) if cb is not None]
         trainer = self.phase_trainer(folder, f"expert-{spec.name}", spec.max_epochs, callbacks)
-        self._fit(trainer, model, folder)
+        self._fit(trainer, model, folder, self.expert_datamodule(spec))
         artifact = folder / "expert.pt2"
 
         def write() -> dict[str, Any]:
@@ -355,6 +373,9 @@ class Pipeline:
     def _run_moe(self, run: MoERun) -> dict[str, Any]:
         folder = self.run_dir / run.key
         folder.mkdir(parents=True, exist_ok=True)
+        source = self.config.moe.trained_by(run)
+        if source != run:
+            return self._reroute_moe(run, source)
         pl.seed_everything(self.config.seed, workers=True)
         file = FLOAT_ARTIFACT if run.variant == "tuned" else "expert.pt2"
         experts = [self.run_dir / "experts" / e.name / file for e in self.config.experts]
@@ -373,6 +394,24 @@ class Pipeline:
         trainer.save_checkpoint(str(written), weights_only=False)
         on_rank_zero(lambda: os.replace(written, target), what=f"writing {target}")
         return {"checkpoint": str(target)}
+
+    def _reroute_moe(self, run: MoERun, source: MoERun) -> dict[str, Any]:
+        """``run``'s MoE from ``source``'s phase, which trained the identical one: its checkpoint, routed at k.
+
+        Only the ``eval_top_k`` hyper-parameter changes; the gate, the experts and the training state are
+        ``source``'s, so ``load_moe`` and ``load_from_checkpoint`` rebuild a MoE that routes at ``run``'s k.
+        """
+        trained = self.run_dir / source.key / "moe.ckpt"
+        target = self.run_dir / run.key / "moe.ckpt"
+
+        def write() -> dict[str, Any]:
+            checkpoint = read_checkpoint(trained, what=f"the {source.name} MoE checkpoint")
+            checkpoint["hyper_parameters"]["eval_top_k"] = self.config.moe.eval_top_k(run.k)
+            with atomic_path(target) as tmp:
+                torch.save(checkpoint, tmp)
+            return {"checkpoint": str(target), "trained_by": source.key}
+
+        return on_rank_zero(write, what=f"writing {target}")
 
     def _run_evaluation(self) -> dict[str, Any]:
         return on_rank_zero(self._evaluate_and_report, what="measuring the models and writing the report")

@@ -24,6 +24,7 @@ from lightning_hybridcomp._validation import is_int
 from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+from lightning_hybridcomp.data import ClassEmphasis
 from lightning_hybridcomp.moe.gate import feature_expert_index
 from lightning_hybridcomp.pipeline_config import ExpertConfig, PipelineConfigError, check_init_args
 
@@ -166,6 +167,14 @@ def _check(pipeline: Pipeline) -> _Problems:
             made = problems.attempt(partial(_constructed, cls, arguments, where, make, expert), where, paths)
             if made is not None:
                 built.append((made, where, paths))
+        if expert.emphasis is not None:
+            where = f"{section}.emphasis"
+            paths = {n: f"{where}.{n}" for n in expert.emphasis}
+            # No data is loaded here: a stand-in datamodule, the arguments are what is checked.
+            with_data = partial(pipeline.expert_datamodule, datamodule=pl.LightningDataModule())
+            problems.attempt(
+                partial(_constructed, ClassEmphasis, expert.emphasis, where, with_data, expert), where, paths
+            )
         callbacks = [made for made, _, _ in built]
         trainer = problems.attempt(
             partial(make_trainer, folder, section, expert.max_epochs, callbacks), "trainer", trainer_paths

@@ -150,6 +150,8 @@ class ExpertConfig:
         lr: learning rate for the fine-tuning, overriding the baseline model's ``lr`` when set.
         distillation: ``KnowledgeDistillation`` arguments (``alpha``, ``temperature``; the teacher is the
             baseline), or ``None`` to fine-tune on the labels alone.
+        emphasis: ``ClassEmphasis`` arguments (``classes``, ``weight``): the expert's training draws the
+            samples of ``classes`` ``weight`` times as often as the others; ``None`` draws all alike.
     """
 
     name: str
@@ -159,6 +161,7 @@ class ExpertConfig:
     seed: int = 0
     lr: float | None = None
     distillation: dict[str, Any] | None = None
+    emphasis: dict[str, Any] | None = None
 
 
 #: How a MoE phase uses the experts: ``"frozen"`` routes the int8 expert artifacts as they are;
@@ -211,6 +214,36 @@ class MoEConfig:
     def runs(self) -> list[MoERun]:
         """Every MoE phase, variant by variant, each at every ``top_k``."""
         return [MoERun(k, variant) for variant in self.variants for k in self.top_k]
+
+    def training_top_k(self, k: int) -> int:
+        """The ``top_k`` the MoE routed at ``k`` trains at: ``options["top_k"]``, else ``max(k, 2)``.
+
+        The task loss tells a router which expert is better only through competing weights (k >= 2; at
+        k = 1 it only rewards confidence in whatever won), so a top-1 MoE trains at k = 2 and routes at 1.
+        """
+        value = self.options.get("top_k")
+        return value if isinstance(value, int) else max(k, 2)  # a wrong value is refused with the options
+
+    def eval_top_k(self, k: int) -> int | None:
+        """The ``eval_top_k`` of the MoE routed at ``k``: ``options["eval_top_k"]``, else ``k``."""
+        value = self.options.get("eval_top_k", k)
+        return value if value is None or isinstance(value, int) else k
+
+    def trained_by(self, run: MoERun) -> MoERun:
+        """The run whose training ``run`` shares: the first of :meth:`runs` of its variant and training ``top_k``.
+
+        Runs that differ only in ``eval_top_k`` train the identical MoE (validation, the only place
+        ``eval_top_k`` acts during a fit, decides nothing in a pipeline phase), so the later ones take the
+        first one's training and route it at their own k. ``run`` itself when no earlier run shares it.
+
+        Example::
+
+            >>> moe = MoEConfig(top_k=[1, 2, 3], variants=["frozen"])
+            >>> [moe.trained_by(run).label for run in moe.runs()]
+            ['k1', 'k1', 'k3']
+        """
+        k = self.training_top_k(run.k)
+        return next(r for r in self.runs() if r.variant == run.variant and self.training_top_k(r.k) == k)
 
 
 def _expert_backends(config: PipelineConfig) -> list[str | None]:
@@ -393,7 +426,7 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
             problems.append(
                 (f"experts[{i}].name", f"Expected expert `name` to be a plain folder name, got {e.name!r}.")
             )
-        for kind in ("pruning", "quantization", "distillation"):
+        for kind in ("pruning", "quantization", "distillation", "emphasis"):
             arguments = getattr(e, kind)
             if arguments is not None and not isinstance(arguments, dict):
                 problems.append(
@@ -402,6 +435,14 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                         f"Expected `{kind}` to be a mapping of arguments, got {arguments!r}.",
                     )
                 )
+        if isinstance(e.emphasis, dict) and not set(e.emphasis) <= {"classes", "weight"}:
+            problems.append(
+                (
+                    f"experts[{i}].emphasis",
+                    f"Expected `emphasis` to hold `classes` and optionally `weight`, got {sorted(e.emphasis)}"
+                    " (its seed is the expert's `seed`).",
+                )
+            )
         if not is_int(e.max_epochs) or e.max_epochs < 1:
             problems.append(
                 (f"experts[{i}].max_epochs", f"Expected `max_epochs` >= 1, got {e.max_epochs!r}.")

@@ -107,8 +107,9 @@ class PhaseSpec:
 
 
 def _expert_settings(expert: ExpertConfig) -> dict[str, Any]:
-    # Without distillation an expert's fingerprint is the same as before the key existed: old runs stay done.
-    return {k: v for k, v in asdict(expert).items() if not (k == "distillation" and v is None)}
+    # Without distillation or emphasis an expert's fingerprint is the same as before those keys existed:
+    # old runs stay done.
+    return {k: v for k, v in asdict(expert).items() if not (k in ("distillation", "emphasis") and v is None)}
 
 
 def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
@@ -138,18 +139,33 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
     ]
     routed = {"experts": {e.key: e.fingerprint for e in experts}, "expert_order": [e.key for e in experts]}
     moe_settings = {k: v for k, v in asdict(config.moe).items() if k not in ("top_k", "variants")}
-    moes = [
-        PhaseSpec(
-            run.key,
-            f"MoE top-{run.k}" + ("" if run.variant == "frozen" else f" ({run.variant} experts)"),
-            # A frozen MoE's fingerprint is the same as before variants existed, so old runs stay done.
-            {**routed, "top_k": run.k, "moe": moe_settings}
-            | ({} if run.variant == "frozen" else {"variant": run.variant}),
-            tuple(e.key for e in experts),
-            config.moe.max_epochs,
+    moes: list[PhaseSpec] = []
+    for run in config.moe.runs():
+        label = f"MoE top-{run.k}" + ("" if run.variant == "frozen" else f" ({run.variant} experts)")
+        source = config.moe.trained_by(run)
+        if source != run:
+            # The same training as an earlier phase's, routed at another k: that phase's MoE, re-routed.
+            trained = next(m for m in moes if m.key == source.key)
+            moes.append(
+                PhaseSpec(
+                    run.key,
+                    f"{label}, the {source.key} training",
+                    {"trained": trained.fingerprint, "eval_top_k": config.moe.eval_top_k(run.k)},
+                    (source.key,),
+                )
+            )
+            continue
+        moes.append(
+            PhaseSpec(
+                run.key,
+                label,
+                # A frozen MoE's fingerprint is the same as before variants existed, so old runs stay done.
+                {**routed, "top_k": run.k, "moe": moe_settings}
+                | ({} if run.variant == "frozen" else {"variant": run.variant}),
+                tuple(e.key for e in experts),
+                config.moe.max_epochs,
+            )
         )
-        for run in config.moe.runs()
-    ]
     evaluation = PhaseSpec(
         "evaluation",
         "evaluation",

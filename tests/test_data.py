@@ -11,13 +11,16 @@ from PIL import Image
 
 from lightning_hybridcomp.data import (
     CIFAR10DataModule,
+    ClassEmphasis,
     DigitsDataModule,
     FashionMNISTDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
+    dataset_labels,
     load_digits,
     read_idx,
 )
+from tests._helpers import ClassifierSteps
 
 
 def test_bundled_digits_are_the_full_dataset() -> None:
@@ -253,3 +256,121 @@ def test_image_folder_missing_path(tmp_path) -> None:
 def test_image_folder_bad_channels(tmp_path) -> None:
     with pytest.raises(ValueError, match="`channels` to be 1 or 3"):
         ImageFolderDataModule(str(tmp_path), channels=2)
+
+
+# --- ClassEmphasis: any datamodule's training data with some classes drawn more often ---
+
+
+class _LabelRecorder(ClassifierSteps):
+    """Records the labels of every training batch, epoch by epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx: int):
+        self.seen.setdefault(self.current_epoch, []).extend(batch[1].tolist())
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_class_emphasis_draws_the_classes_in_proportion_to_the_weight() -> None:
+    base = DigitsDataModule(image_size=8, batch_size=100)
+    dm = ClassEmphasis(base, classes=[3, 8], weight=5.0, seed=1)
+    dm.setup("fit")
+    counts = torch.bincount(base.train_set.tensors[1], minlength=10).double()
+    emphasized = counts[[3, 8]].sum()
+    expected = 5.0 * emphasized / (5.0 * emphasized + counts.sum() - emphasized)  # about 0.55
+    drawn = []
+    sampler = dm.train_dataloader().sampler
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        labels = base.train_set.tensors[1][list(sampler)]
+        assert len(labels) == len(base.train_set)  # an epoch is as long as the training set
+        drawn.append(torch.isin(labels, torch.tensor([3, 8])).double().mean())
+    assert float(torch.stack(drawn).mean()) == pytest.approx(float(expected), abs=0.02)
+    # Validation and test are the wrapped datamodule's own: every model is measured on the same data.
+    for name in ("val_dataloader", "test_dataloader", "predict_dataloader"):
+        ours, theirs = getattr(dm, name)(), getattr(base, name)()
+        assert ours.dataset is theirs.dataset and ours.batch_size == theirs.batch_size
+
+
+def test_class_emphasis_draws_by_epoch_so_a_resumed_fit_sees_the_same_samples(tmp_path) -> None:
+    """Lightning sets the epoch: an interrupted fit resumed from its checkpoint draws what an uninterrupted one does."""
+    from tests._helpers import fast_trainer
+
+    def data() -> ClassEmphasis:
+        return ClassEmphasis(DigitsDataModule(image_size=8, batch_size=64), classes=[0], weight=3.0, seed=4)
+
+    whole = _LabelRecorder()
+    fast_trainer(tmp_path / "whole", max_epochs=3).fit(whole, datamodule=data())
+    assert whole.seen[0] != whole.seen[1] != whole.seen[2]  # a new draw every epoch
+    first = _LabelRecorder()
+    trainer = fast_trainer(tmp_path / "cut", max_epochs=1)
+    trainer.fit(first, datamodule=data())
+    checkpoint = tmp_path / "cut.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    resumed = _LabelRecorder()
+    fast_trainer(tmp_path / "resumed", max_epochs=3).fit(
+        resumed, datamodule=data(), ckpt_path=str(checkpoint)
+    )
+    assert first.seen[0] == whole.seen[0]
+    assert resumed.seen == {1: whole.seen[1], 2: whole.seen[2]}
+
+
+def test_class_emphasis_reads_labels_without_loading_inputs() -> None:
+    class TargetsOnly(torch.utils.data.Dataset):
+        targets = [0, 1, 2, 1, 0, 2]
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+        def __getitem__(self, i: int):
+            raise AssertionError("the labels are read from `targets`, no input is loaded")
+
+    subset = torch.utils.data.Subset(TargetsOnly(), [5, 1, 3])
+    assert dataset_labels(subset).tolist() == [2, 1, 1]
+    pairs = [(torch.zeros(2), label) for label in (4, 2, 4)]  # neither tensors nor targets: read
+    assert dataset_labels(pairs).tolist() == [4, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"classes": []}, ValueError, "Expected `classes` to be a non-empty list"),
+        ({"classes": [1, 1]}, ValueError, "distinct class indices"),
+        ({"classes": [-1]}, ValueError, "integers >= 0"),
+        ({"classes": "3"}, ValueError, "Expected `classes`"),
+        ({"classes": [True]}, ValueError, "Expected `classes`"),
+        ({"classes": [1], "weight": 0}, ValueError, "Expected `weight` to be a number above 0, got 0"),
+        ({"classes": [1], "weight": True}, ValueError, "Expected `weight`"),
+    ],
+)
+def test_class_emphasis_rejects_bad_arguments(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        ClassEmphasis(DigitsDataModule(), **kwargs)
+
+
+def test_class_emphasis_refuses_a_class_the_labels_lack_and_other_loaders() -> None:
+    with pytest.raises(TypeError, match="Expected `datamodule` to be a LightningDataModule, got list"):
+        ClassEmphasis([], classes=[1])  # type: ignore[arg-type]
+    dm = ClassEmphasis(DigitsDataModule(image_size=8), classes=[2, 10, 12])
+    dm.setup("fit")
+    with pytest.raises(
+        ValueError, match=r"among the training labels, got \[10, 12\] \(the labels are 0..9\)"
+    ):
+        dm.train_dataloader()
+
+    class TwoLoaders(DigitsDataModule):
+        def train_dataloader(self):
+            return [super().train_dataloader(), super().train_dataloader()]
+
+    two = ClassEmphasis(TwoLoaders(image_size=8), classes=[1])
+    two.setup("fit")
+    with pytest.raises(
+        TypeError, match=r"TwoLoaders.train_dataloader\(\) to return one DataLoader, got list"
+    ):
+        two.train_dataloader()

@@ -37,7 +37,9 @@ def _run(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = _write_config(tmp, evaluation={**MINI["evaluation"], "edge": True})
+    experts = json.loads(json.dumps(MINI["experts"]))
+    experts[1]["emphasis"] = {"classes": [3, 8], "weight": 3.0}  # one expert with a data emphasis
+    config = _write_config(tmp, experts=experts, evaluation={**MINI["evaluation"], "edge": True})
     run_dir = tmp / "run"
     result = _run(config, run_dir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -93,6 +95,31 @@ def test_results_match_the_files(finished_run) -> None:
         assert moe["ratios"]["macs"] == pytest.approx(moe["macs"] / models["baseline"]["macs"])
     for m in models.values():
         assert 0.1 < m["accuracy"] <= 1.0 and m["latency_b1_ms"] > 0 and m["latency_b64_ms"] > 0
+
+
+def test_top_k_phases_that_train_alike_share_one_training(finished_run) -> None:
+    """k = 1 and k = 2 both train at top_k = 2: the k = 2 phase routes the k = 1 phase's MoE, untrained again."""
+    from lightning_hybridcomp.moe import MoELightningModule, load_moe
+
+    _, run_dir, result = finished_run
+    done = json.loads((run_dir / "moe" / "k2" / "done.json").read_text())
+    assert done["trained_by"] == "moe/k1"
+    expert = json.loads((run_dir / "experts" / "third" / "done.json").read_text())
+    assert expert["inputs"]["expert"]["emphasis"] == {"classes": [3, 8], "weight": 3.0}
+    assert not (run_dir / "moe" / "k2" / "checkpoints").exists()
+    assert "Phase 5/6: MoE top-2, the moe/k1 training" in result.stdout + result.stderr
+    one, two = (load_moe(run_dir / "moe" / f"k{k}" / "moe.ckpt") for k in (1, 2))
+    assert (one.top_k, one.eval_top_k, two.top_k, two.eval_top_k) == (2, 1, 2, 2)
+    assert one.state_dict().keys() == two.state_dict().keys()
+    assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())
+    lightning = MoELightningModule.load_from_checkpoint(run_dir / "moe" / "k2" / "moe.ckpt").eval()
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(lightning(x), two(x))
+        # Routed at its own k: the same gate and experts, another mixture.
+        assert not torch.equal(one(x), two(x))
+    models = {m["name"]: m for m in json.loads((run_dir / "results.json").read_text())["models"]}
+    assert models["moe-k1"]["macs"] < models["moe-k2"]["macs"]
 
 
 def test_edge_column_comes_from_real_programs(finished_run) -> None:
@@ -301,6 +328,24 @@ def test_unknown_callback_argument_is_refused_before_training(tmp_path) -> None:
     raw["run_dir"] = str(tmp_path / "run")
     raw["experts"][0]["pruning"] = {"ratio": 0.5}
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['ratio'\] in `experts\[0\].pruning`"):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("emphasis", "match"),
+    [
+        ({"classes": [3], "seed": 2}, r"experts\[1\].emphasis: .*hold `classes` and optionally `weight`"),
+        ({"classes": [], "weight": 2.0}, r"experts\[1\].emphasis.classes.*non-empty list"),
+        ({"classes": [3], "weight": -1}, r"experts\[1\].emphasis.weight.*above 0, got -1"),
+        ([3, 8], r"experts\[1\].emphasis.*mapping of arguments"),
+    ],
+)
+def test_bad_emphasis_is_refused_before_training(tmp_path, emphasis, match) -> None:
+    raw = json.loads(json.dumps(MINI))
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["experts"][1]["emphasis"] = emphasis
+    with pytest.raises(ValueError, match=match):
         Pipeline(parse_pipeline_config(raw), say=lambda _: None)
     assert not (tmp_path / "run").exists()
 
