@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from lightning_hybridcomp._validation import is_int, is_number
+
 __all__ = [
     "CIFAR10DataModule",
     "ClassEmphasis",
@@ -576,14 +578,14 @@ class ClassEmphasis(pl.LightningDataModule):
             isinstance(classes, (str, bytes))
             or not isinstance(classes, Sequence)
             or not classes
-            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in classes)
+            or any(not is_int(c) or c < 0 for c in classes)
             or len(set(classes)) != len(classes)
         ):
             raise ValueError(
                 f"Expected `classes` to be a non-empty list of distinct class indices (integers >= 0), got"
                 f" {classes!r}."
             )
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        if not is_number(weight) or not weight > 0:
             raise ValueError(f"Expected `weight` to be a number above 0, got {weight!r}.")
         self.datamodule = datamodule
         self.classes = [int(c) for c in classes]
@@ -626,6 +628,12 @@ class ClassEmphasis(pl.LightningDataModule):
     def val_dataloader(self) -> Any:
         return self.datamodule.val_dataloader()
 
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
     # The wrapped datamodule's batch hooks and state stay its own.
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return self.datamodule.transfer_batch_to_device(batch, device, dataloader_idx)
@@ -644,12 +652,6 @@ class ClassEmphasis(pl.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.datamodule.teardown(stage)
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
 
 
 def dataset_labels(dataset: Dataset[Any]) -> Tensor:

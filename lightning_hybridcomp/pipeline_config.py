@@ -222,12 +222,12 @@ class MoEConfig:
         k = 1 it only rewards confidence in whatever won), so a top-1 MoE trains at k = 2 and routes at 1.
         """
         value = self.options.get("top_k")
-        return value if isinstance(value, int) else max(k, 2)  # a wrong value is refused with the options
+        return value if is_int(value) else max(k, 2)  # a wrong value is refused with the options
 
     def eval_top_k(self, k: int) -> int | None:
         """The ``eval_top_k`` of the MoE routed at ``k``: ``options["eval_top_k"]``, else ``k``."""
         value = self.options.get("eval_top_k", k)
-        return value if value is None or isinstance(value, int) else k
+        return value if value is None or is_int(value) else k
 
     def trained_by(self, run: MoERun) -> MoERun:
         """The run whose training ``run`` shares: the first of :meth:`runs` of its variant and training ``top_k``.
