@@ -7,6 +7,7 @@ metadata stored next to it. It holds fp32 networks as well as the real int8 prog
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -330,25 +331,28 @@ def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
     # A compiled inference module never changes mode; Dynamo should see the plain graph.
     remove_mode_sync_(module)
     compiled = torch.compile(module, dynamic=dynamic)
-    return _FrozenInference(compiled)
+    return InferenceOnly(compiled, freezing=True)
 
 
-class _FrozenInference(nn.Module):
-    """Runs a compiled module without autograd and with inductor freezing, for every (re)compilation.
+class InferenceOnly(nn.Module):
+    """Runs a compiled module without autograd; with ``freezing``, with inductor freezing at every (re)compilation.
 
     ``torch.compile(..., options={"freezing": True})`` does not reach the step that turns weights into
     constants (the int8 convolutions then fail to prepack); patching the config around each call does,
-    without switching freezing on for other compiled code in the process.
+    without switching freezing on for other compiled code in the process. Without ``freezing`` the compiled
+    code reads the module's current weights (a MoE's gate, which trains on).
     """
 
-    def __init__(self, compiled: Any) -> None:
+    def __init__(self, compiled: Any, *, freezing: bool = False) -> None:
         super().__init__()
         self.compiled = compiled
+        self.freezing = freezing
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
 
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        frozen = inductor_config.patch(freezing=True) if self.freezing else contextlib.nullcontext()
+        with torch.no_grad(), frozen:
             return self.compiled(*args, **kwargs)
 
 

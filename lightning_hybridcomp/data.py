@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from lightning_hybridcomp._validation import is_int, is_number
+from lightning_hybridcomp._validation import expect_int, is_int, is_number
 
 __all__ = [
     "CIFAR10DataModule",
@@ -32,12 +32,6 @@ __all__ = [
     "load_digits",
     "read_idx",
 ]
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive integer, got {value!r}.")
-    return value
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -82,9 +76,9 @@ class _SplitDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"Expected `num_workers` to be a non-negative integer, got {num_workers!r}.")
+        expect_int(batch_size, "batch_size", low=1)
+        expect_int(num_workers, "num_workers")
+        self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_set: Dataset[Any] | None = None
         self.val_set: Dataset[Any] | None = None
@@ -154,7 +148,8 @@ class DigitsDataModule(_SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        self.image_size = _check_positive_int(image_size, "image_size")
+        expect_int(image_size, "image_size", low=1)
+        self.image_size = image_size
         _check_fractions(val_fraction, test_fraction)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -496,7 +491,8 @@ class ImageFolderDataModule(_SplitDataModule):
             raise ValueError(
                 f"Expected `root` to be an existing folder with one sub-folder per class, got {str(root)!r}."
             )
-        self.image_size = _check_positive_int(image_size, "image_size")
+        expect_int(image_size, "image_size", low=1)
+        self.image_size = image_size
         if channels not in (1, 3):
             raise ValueError(f"Expected `channels` to be 1 or 3, got {channels!r}.")
         _check_fractions(val_fraction, test_fraction)

@@ -25,7 +25,7 @@ from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
 from lightning_hybridcomp._validation import expect_bool, expect_int
-from lightning_hybridcomp.artifacts import compile_artifact
+from lightning_hybridcomp.artifacts import InferenceOnly, compile_artifact
 from lightning_hybridcomp.moe._arguments import check_expert_count, check_moe_arguments, check_top_k
 from lightning_hybridcomp.moe.checkpoint import (
     CHECKPOINT_KEY,
@@ -390,7 +390,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         # A gate holding such a graph (`gate="expert:<i>"` on an XNNPACK int8 expert) stays eager as well.
         compile_gate = gate and not signed_int8_activations(self.gate)
         self._compiled_gate = (
-            (_InferenceOnly(torch.compile(self.gate, dynamic=True)),) if compile_gate else None
+            (InferenceOnly(torch.compile(self.gate, dynamic=True)),) if compile_gate else None
         )
         return self
 
@@ -748,15 +748,3 @@ def load_moe(path: str | os.PathLike[str], *, gate: nn.Module | None = None) -> 
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
-
-
-class _InferenceOnly(nn.Module):
-    """Runs a compiled module without autograd: compiled parts of a MoE are for inference."""
-
-    def __init__(self, compiled: Callable[..., Any]) -> None:
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, *args: Any) -> Any:
-        with torch.no_grad():
-            return self.compiled(*args)
