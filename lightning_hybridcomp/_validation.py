@@ -12,6 +12,7 @@ from typing import Any, TypeGuard
 __all__ = [
     "expect_bool",
     "expect_choice",
+    "expect_classes",
     "expect_int",
     "expect_names",
     "expect_ratio",
@@ -94,6 +95,29 @@ def expect_choice(value: Any, name: str, choices: Sequence[str], *, hint: str = 
     if key not in choices:
         raise ValueError(f"Expected `{name}` to be one of {tuple(choices)}, got {value!r}.{_hinted(hint)}")
     return key
+
+
+def expect_classes(value: Any, name: str) -> list[int]:
+    """A non-empty list of distinct class indices (integers ``>= 0``); returns a copy.
+
+    Example::
+
+        >>> expect_classes([3, 3], "classes")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `classes` to be a non-empty list of distinct class indices (integers >= 0), got [3, 3].
+    """
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or not value
+        or any(not is_int(c) or c < 0 for c in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ValueError(
+            f"Expected `{name}` to be a non-empty list of distinct class indices (integers >= 0), got {value!r}."
+        )
+    return [int(c) for c in value]
 
 
 def expect_shape(value: Any, name: str, *, example: str = "[1, 3, 32, 32]") -> list[int] | None:

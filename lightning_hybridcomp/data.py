@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from lightning_hybridcomp._validation import expect_int, is_int, is_number
+from lightning_hybridcomp._validation import expect_classes, expect_int, is_number
 
 __all__ = [
     "CIFAR10DataModule",
@@ -570,21 +570,10 @@ class ClassEmphasis(pl.LightningDataModule):
             raise TypeError(
                 f"Expected `datamodule` to be a LightningDataModule, got {type(datamodule).__name__}."
             )
-        if (
-            isinstance(classes, (str, bytes))
-            or not isinstance(classes, Sequence)
-            or not classes
-            or any(not is_int(c) or c < 0 for c in classes)
-            or len(set(classes)) != len(classes)
-        ):
-            raise ValueError(
-                f"Expected `classes` to be a non-empty list of distinct class indices (integers >= 0), got"
-                f" {classes!r}."
-            )
+        self.classes = expect_classes(classes, "classes")
         if not is_number(weight) or not weight > 0:
             raise ValueError(f"Expected `weight` to be a number above 0, got {weight!r}.")
         self.datamodule = datamodule
-        self.classes = [int(c) for c in classes]
         self.weight = float(weight)
         self.seed = int(seed)
 

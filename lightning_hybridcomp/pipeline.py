@@ -301,7 +301,20 @@ class Pipeline:
         if run.variant == "tuned":
             # Each expert's fp32 network learns, in fake-quant form, on the samples routed to it.
             options.update(quantize_experts=tuned_backend(self.config), freeze_experts=False)
+        if options.get("assignment_target") == "classes" and "expert_classes" not in options:
+            options["expert_classes"] = self._emphasized_classes()
         return MoELightningModule(experts=experts, **options)
+
+    def _emphasized_classes(self) -> list[list[int]]:
+        """Each expert's ``emphasis.classes``: what ``assignment_target: classes`` routes by by default."""
+        missing = [i for i, e in enumerate(self.config.experts) if not (e.emphasis or {}).get("classes")]
+        if missing:
+            raise ValueError(
+                "Expected `emphasis.classes` in every expert with `assignment_target` 'classes' (the gate learns"
+                " to send each image to the expert of its class), or `moe.options.expert_classes`; experts"
+                f" {missing} have none."
+            )
+        return [list(e.emphasis["classes"]) for e in self.config.experts if e.emphasis]
 
     # ------------------------------------------------------------------ phases
 

@@ -25,6 +25,7 @@ from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 from lightning_hybridcomp.data import ClassEmphasis
+from lightning_hybridcomp.moe._arguments import check_expert_classes
 from lightning_hybridcomp.moe.gate import feature_expert_index
 from lightning_hybridcomp.pipeline_config import ExpertConfig, PipelineConfigError, check_init_args
 
@@ -198,6 +199,10 @@ def _check(pipeline: Pipeline) -> _Problems:
                 f"Expected `eval_top_k` to be at most the number of experts ({count}), got {eval_top_k}.",
             )
         )
+    if moe.options.get("assignment_target") == "classes" and "expert_classes" in moe.options:
+        # Without experts, the module cannot count the lists.
+        expert_classes = partial(check_expert_classes, moe.options["expert_classes"], "classes", count)
+        problems.attempt(expert_classes, "moe.options.expert_classes", option_paths)
     gate = moe.options.get("gate", "cnn")
     problems.attempt(partial(feature_expert_index, gate, count), "moe.options.gate", option_paths)
     problems.attempt(partial(make_trainer, folder, "moe", moe.max_epochs, []), "trainer", trainer_paths)

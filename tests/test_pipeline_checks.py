@@ -112,6 +112,46 @@ def test_moe_and_trainer_arguments_are_checked_without_experts(tmp_path, change,
         Pipeline(parse_pipeline_config(raw), say=lambda _: None)
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"assignment_target": "classes"},
+            r"^moe\.options\.assignment_target: Expected `emphasis.classes` in every expert.*experts \[1\]",
+        ),
+        (
+            {"assignment_target": "classes", "expert_classes": [[0, 1]]},
+            r"^moe\.options\.expert_classes: Expected `expert_classes` to hold one list per expert \(2\), got 1",
+        ),
+        (
+            {"expert_classes": [[0], [1]]},
+            r"^moe\.options\.expert_classes: Expected `expert_classes` only with assignment_target='classes'",
+        ),
+    ],
+    ids=["no-emphasis", "count", "without-target"],
+)
+def test_class_routing_is_checked_before_training(tmp_path, options, match) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["experts"][0]["emphasis"] = {"classes": [0, 1, 2]}
+    raw["moe"]["options"] = options
+    with pytest.raises(PipelineConfigError, match=match):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_routing_defaults_to_the_experts_emphasis(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["experts"][0]["emphasis"] = {"classes": [0, 1, 2]}
+    raw["experts"][1]["emphasis"] = {"classes": [3, 4], "weight": 2.0}
+    raw["moe"]["options"] = {"assignment_target": "classes"}
+    pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    for run in pipeline.config.moe.runs():
+        assert pipeline.moe_module(run, None).hparams["expert_classes"] == [[0, 1, 2], [3, 4]]
+    raw["moe"]["options"]["expert_classes"] = [[5], [6]]  # given: used as it is
+    pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    assert pipeline.moe_module(pipeline.config.moe.runs()[0], None).hparams["expert_classes"] == [[5], [6]]
+
+
 def test_only_names_a_phase_of_the_configuration(tmp_path) -> None:
     config = parse_pipeline_config(_raw(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"got \['experts/nope'\]. Phases: \['baseline', 'experts/half'"):

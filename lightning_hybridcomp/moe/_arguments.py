@@ -9,12 +9,18 @@ from typing import Any
 
 from torch import nn
 
-from lightning_hybridcomp._validation import expect_int, is_int, is_number
+from lightning_hybridcomp._validation import expect_classes, expect_int, is_int, is_number
 from lightning_hybridcomp.moe.experts import EXPERT_FORMATS
 
-__all__ = ["ASSIGNMENT_TARGETS", "check_expert_count", "check_moe_arguments", "check_top_k"]
+__all__ = [
+    "ASSIGNMENT_TARGETS",
+    "check_expert_classes",
+    "check_expert_count",
+    "check_moe_arguments",
+    "check_top_k",
+]
 
-ASSIGNMENT_TARGETS = ("hard", "soft", "oracle")
+ASSIGNMENT_TARGETS = ("hard", "soft", "oracle", "classes")
 
 
 def check_expert_count(value: Any, name: str, num_experts: int | None) -> None:
@@ -32,6 +38,45 @@ def check_top_k(top_k: Any, eval_top_k: Any, num_experts: int | None) -> None:
         check_expert_count(eval_top_k, "eval_top_k", num_experts)
 
 
+def check_expert_classes(
+    expert_classes: Any, assignment_target: Any, num_experts: int | None, num_classes: int | None = None
+) -> list[list[int]] | None:
+    """``expert_classes`` as lists of class indices, one per expert (``None`` stays ``None``).
+
+    Given exactly when ``assignment_target="classes"``; its length is checked once the number of experts is
+    known, its indices once the number of classes is.
+    """
+    if assignment_target != "classes":
+        if expert_classes is not None:
+            raise ValueError(
+                "Expected `expert_classes` only with assignment_target='classes', which routes each sample to"
+                f" the experts of its class; got assignment_target={assignment_target!r}."
+            )
+        return None
+    if (
+        expert_classes is None
+        or isinstance(expert_classes, (str, bytes))
+        or not isinstance(expert_classes, Sequence)
+    ):
+        raise ValueError(
+            "Expected `expert_classes` with assignment_target='classes': one list of class indices per expert"
+            f" (the classes it specialises in, e.g. its data emphasis), got {expert_classes!r}."
+        )
+    classes = [expect_classes(c, f"expert_classes[{i}]") for i, c in enumerate(expert_classes)]
+    if num_experts is not None and len(classes) != num_experts:
+        raise ValueError(
+            f"Expected `expert_classes` to hold one list per expert ({num_experts}), got {len(classes)}."
+        )
+    if num_classes is not None:
+        outside = sorted({c for group in classes for c in group if c >= num_classes})
+        if outside:
+            raise ValueError(
+                f"Expected `expert_classes` to name classes below {num_classes} (the experts' class count),"
+                f" got {outside}."
+            )
+    return classes
+
+
 def check_moe_arguments(
     experts: Any,
     *,
@@ -43,6 +88,7 @@ def check_moe_arguments(
     capacity_factor: Any,
     input_shape: Any,
     assignment_target: Any = "hard",
+    expert_classes: Any = None,
 ) -> int | None:
     """Check the constructor's plain arguments; returns the number of experts (``None`` without experts).
 
@@ -91,4 +137,5 @@ def check_moe_arguments(
         raise ValueError(
             f"Expected `assignment_target` to be one of {ASSIGNMENT_TARGETS}, got {assignment_target!r}."
         )
+    check_expert_classes(expert_classes, assignment_target, num_experts)
     return num_experts

@@ -26,7 +26,12 @@ from lightning_hybridcomp._io import read_checkpoint
 from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
 from lightning_hybridcomp._validation import expect_bool, expect_int
 from lightning_hybridcomp.artifacts import InferenceOnly, compile_artifact
-from lightning_hybridcomp.moe._arguments import check_expert_count, check_moe_arguments, check_top_k
+from lightning_hybridcomp.moe._arguments import (
+    check_expert_classes,
+    check_expert_count,
+    check_moe_arguments,
+    check_top_k,
+)
 from lightning_hybridcomp.moe.checkpoint import (
     CHECKPOINT_KEY,
     check_same_experts,
@@ -142,6 +147,12 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             (where they disagree), the one the balanced partition prefers (:meth:`assignment_targets`): the
             router learns whom to trust, also at ``top_k=1``, at the cost of every expert running on every
             training sample (without gradient).
+            ``"classes"`` gives each sample the expert whose ``expert_classes`` hold its label (balanced among
+            several, the router's choice where none does): for experts that specialise in some classes, e.g.
+            by a :class:`~lightning_hybridcomp.data.ClassEmphasis`, the router learns to recognise the
+            specialist's part of the data, a coarser task than the classification itself.
+        expert_classes: with ``assignment_target="classes"`` (and only then), one list of class indices per
+            expert: the classes it specialises in.
         noisy_gating: add Shazeer's learned Gaussian noise to the router logits in training.
         capacity_factor: ``None`` (default) for no limit, else each expert takes at most
             ``ceil(capacity_factor * B * k / N)`` samples of a batch, keeping the highest gate weights;
@@ -174,6 +185,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         (torch.Size([4, 10]), True)
     """
 
+    _class_experts: Tensor | None  # a buffer (assignment_target="classes"), set by `_build`
+
     def __init__(
         self,
         experts: Sequence[str | os.PathLike[str] | nn.Module | ExportedProgram | ExpertSource] | None = None,
@@ -189,6 +202,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         z_loss_coefficient: float = 1e-3,
         assignment_coefficient: float = 1.0,
         assignment_target: str = "hard",
+        expert_classes: Sequence[Sequence[int]] | None = None,
         noisy_gating: bool = True,
         capacity_factor: float | None = None,
         capacity_in_eval: bool = False,
@@ -214,6 +228,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             capacity_factor=capacity_factor,
             input_shape=input_shape,
             assignment_target=assignment_target,
+            expert_classes=expert_classes,
         )
         expect_int(gate_channels, "gate_channels", low=1)
         quantize_experts = check_quantize_experts(quantize_experts)
@@ -226,6 +241,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self.save_hyperparameters(ignore=["experts", "gate"])
         self.hparams.update(gate_hyperparameters(gate))
         self.hparams["quantize_experts"] = quantize_experts
+        self.hparams["expert_classes"] = check_expert_classes(expert_classes, assignment_target, num_experts)
         self._expert_stage = "float"
         self.top_k = top_k
         self._eval_top_k = eval_top_k
@@ -273,6 +289,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self.example_input_array = torch.zeros(1, *shape)
         records = [build_expert(source, shape) for source in sources]
         self.num_classes = check_class_counts(records)
+        self._set_class_experts(num_experts)
 
         freeze = bool(self.hparams["freeze_experts"])
         for record in records:
@@ -303,6 +320,18 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             rank_zero_warn(
                 "MoELightningModule: `freeze_experts=False` but no expert is trainable (all are int8)."
             )
+
+    def _set_class_experts(self, num_experts: int) -> None:
+        """``[num_classes, N]`` bool: which experts specialise in each class (``assignment_target="classes"``)."""
+        classes = check_expert_classes(
+            self.hparams["expert_classes"], self.hparams["assignment_target"], num_experts, self.num_classes
+        )
+        table = None
+        if classes is not None:
+            table = torch.zeros(self.num_classes, num_experts, dtype=torch.bool)
+            for expert, group in enumerate(classes):
+                table[group, expert] = True
+        self.register_buffer("_class_experts", table, persistent=False)
 
     def _set_records(self, records: list[Expert]) -> None:
         self._records = records
@@ -525,7 +554,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
     def assignment_targets(self, x: Tensor, y: Tensor, clean_logits: Tensor) -> Tensor:
         """``[B, N]`` one-hot (``"soft"``: Sinkhorn) targets of the router's assignment loss for a batch.
 
-        ``"hard"`` and ``"soft"`` balance the router's own logits (:func:`balanced_assignment`). ``"oracle"``
+        ``"hard"`` and ``"soft"`` balance the router's own logits (:func:`balanced_assignment`); ``"classes"``
+        balances them among the experts of each sample's class (``expert_classes``). ``"oracle"``
         balances them among the experts that classify each sample right, where some expert does and not all
         do: the router's own partition where the experts agree, a right expert where they do not. The
         experts run on every sample for it, without gradient and in eval mode (as they are used: no dropout,
@@ -536,6 +566,12 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             y: ``[B]`` labels.
             clean_logits: ``[B, N]`` router logits without noise (:meth:`route`).
         """
+        if self.assignment_target == "classes":
+            if self._class_experts is None:
+                raise RuntimeError(
+                    "assignment_target='classes' needs the `expert_classes` of the constructor."
+                )
+            return balanced_assignment(clean_logits, hard=True, allowed=self._class_experts[y])
         if self.assignment_target != "oracle":
             return balanced_assignment(clean_logits, hard=self.assignment_target == "hard")
         with training_mode(self.experts, False):

@@ -395,6 +395,22 @@ def test_load_from_checkpoint_rebuilds_the_moe_from_the_checkpoint_alone(fitted,
             assert loaded.expert_sizes == moe.expert_sizes and loaded.total_bytes() == moe.total_bytes()
 
 
+def test_expert_classes_come_back_with_the_checkpoint(digits, tmp_path):
+    groups = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    moe = MoELightningModule(
+        _random_experts(), input_shape=IMAGE, assignment_target="classes", expert_classes=groups
+    )
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(moe, digits)
+    path = tmp_path / "classes.ckpt"
+    trainer.save_checkpoint(path)
+    for loaded in (MoELightningModule.load_from_checkpoint(path, weights_only=True), load_moe(path)):
+        assert loaded.hparams["expert_classes"] == groups and loaded.assignment_target == "classes"
+        assert torch.equal(loaded._class_experts, moe._class_experts)
+    assert moe._class_experts.sum(dim=1).tolist() == [1] * 10  # each class has its one expert
+    assert "_class_experts" not in moe.state_dict()  # rebuilt from the hyperparameters, not stored
+
+
 def test_moe_without_experts_waits_for_a_checkpoint():
     unbuilt = MoELightningModule(input_shape=IMAGE)
     with pytest.raises(RuntimeError, match=r"created without `experts`.*load_from_checkpoint\(path\)"):
@@ -752,7 +768,32 @@ def _experts_with(*extra: nn.Module) -> list[nn.Module]:
         (
             dict(assignment_target="sharp"),
             ValueError,
-            r"Expected `assignment_target` to be one of \('hard', 'soft', 'oracle'\), got 'sharp'",
+            r"Expected `assignment_target` to be one of \('hard', 'soft', 'oracle', 'classes'\), got 'sharp'",
+        ),
+        (
+            dict(assignment_target="classes"),
+            ValueError,
+            r"Expected `expert_classes` with assignment_target='classes': one list of class indices per expert",
+        ),
+        (
+            dict(expert_classes=[[0], [1]]),
+            ValueError,
+            r"Expected `expert_classes` only with assignment_target='classes'.*got assignment_target='hard'",
+        ),
+        (
+            dict(assignment_target="classes", expert_classes=[[0, 1]]),
+            ValueError,
+            r"Expected `expert_classes` to hold one list per expert \(2\), got 1",
+        ),
+        (
+            dict(assignment_target="classes", expert_classes=[[0], [1, 1]]),
+            ValueError,
+            r"Expected `expert_classes\[1\]` to be a non-empty list of distinct class indices",
+        ),
+        (
+            dict(assignment_target="classes", expert_classes=[[0], [3, 10]]),
+            ValueError,
+            r"Expected `expert_classes` to name classes below 10 \(the experts' class count\), got \[10\]",
         ),
         (dict(gate_channels=0), ValueError, r"Expected `gate_channels` to be an integer >= 1"),
         (dict(gate_input_size=0), ValueError, r"Expected `gate_input_size` to be an integer >= 1"),

@@ -257,23 +257,50 @@ def test_oracle_target_assigns_each_sample_to_an_expert_that_is_right() -> None:
     assert torch.equal(blind.argmax(-1), (_owner_of(y) + 1) % 3)
 
 
-def test_oracle_target_teaches_a_router_trained_at_top1() -> None:
-    """At ``top_k=1`` the task loss only rewards confidence in the winner; the oracle target says who is right."""
+def test_classes_target_assigns_each_sample_to_the_expert_of_its_class(monkeypatch) -> None:
+    # Expert 0 also claims class 2, which expert 1 owns: those samples are shared between the two.
+    claimed = [[0, 1, 2], [2, 3], [4, 5]]
+    moe = MoELightningModule(
+        [Specialist(o) for o in _owners()],
+        input_shape=IMAGE,
+        assignment_target="classes",
+        expert_classes=claimed,
+    ).train()
+    _, _, (x, y) = _loaders()
+    against = 3.0 * torch.nn.functional.one_hot((_owner_of(y) + 1) % 3).float()
+    for logits in (torch.zeros(len(y), NUM_EXPERTS), against):
+        target = moe.assignment_targets(x, y, logits)
+        chosen = target.argmax(-1)
+        assert torch.equal(target.sum(-1), torch.ones(len(y)))
+        single = y != 2
+        assert torch.equal(chosen[single], _owner_of(y)[single])
+        assert set(chosen[y == 2].tolist()) <= {0, 1}
+    # The labels alone decide: the experts never run for this target.
+    monkeypatch.setattr(moe, "_expert_runners", lambda: pytest.fail("the experts ran"))
+    assert torch.equal(moe.assignment_targets(x, y, against).argmax(-1)[y != 2], _owner_of(y)[y != 2])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(assignment_target="oracle"),
+        dict(assignment_target="classes", expert_classes=_owners()),
+    ],
+    ids=["oracle", "classes"],
+)
+def test_label_aware_targets_teach_a_router_trained_at_top1(options) -> None:
+    """At ``top_k=1`` the task loss only rewards confidence in the winner; a label-aware target says who is right."""
     accuracy = {}
-    for target in ("hard", "oracle"):
+    for name, target in (("hard", {}), ("aware", options)):
         pl.seed_everything(0)
         train, val, (x, y) = _loaders()
         moe = MoELightningModule(
-            [Specialist(o) for o in _owners()],
-            top_k=1,
-            input_shape=IMAGE,
-            learning_rate=1e-2,
-            assignment_target=target,
+            [Specialist(o) for o in _owners()], top_k=1, input_shape=IMAGE, learning_rate=1e-2, **target
         )
         fast_trainer(max_epochs=8, limit_val_batches=1).fit(moe, train, val)
-        accuracy[target] = moe.eval().routing_headroom(x, y)["accuracy"]
-    assert accuracy["oracle"] >= 0.95
-    assert accuracy["oracle"] > accuracy["hard"] + 0.2, accuracy
+        accuracy[name] = moe.eval().routing_headroom(x, y)["accuracy"]
+    assert accuracy["aware"] >= 0.95
+    assert accuracy["aware"] > accuracy["hard"] + 0.2, accuracy
 
 
 def test_allowed_experts_restrict_only_the_samples_they_split() -> None:
