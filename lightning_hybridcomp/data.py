@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from lightning_hybridcomp._validation import expect_classes, expect_int, is_number
+from lightning_hybridcomp._validation import expect_classes, expect_int, expect_ratio, is_number
 
 __all__ = [
     "CIFAR10DataModule",
@@ -36,8 +36,7 @@ __all__ = [
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"Expected `{name}` to be a float in [0, 1), got {value!r}.")
+        expect_ratio(value, name, closed_low=True, closed_high=False)
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(
             "Expected `val_fraction + test_fraction` to be below 1 so that training data remains, got"
