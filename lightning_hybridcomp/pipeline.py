@@ -69,7 +69,15 @@ __all__ = ["FLOAT_ARTIFACT", "Pipeline", "PipelineError", "run_pipeline"]
 #: Next to each PT2E-quantized expert's ``expert.pt2``: its fp32 twin, which a ``"tuned"`` MoE fine-tunes.
 FLOAT_ARTIFACT = "expert-float.pt2"
 # What each MoE row records of :meth:`MoELightningModule.routing_headroom` on the test split.
-HEADROOM_KEYS = ("ensemble_accuracy", "oracle_accuracy", "agreement", "gate_hit_rate")
+# (the last two only with ``assignment_target: classes``).
+HEADROOM_KEYS = (
+    "ensemble_accuracy",
+    "oracle_accuracy",
+    "agreement",
+    "gate_hit_rate",
+    "class_routing_accuracy",
+    "specialist_accuracy",
+)
 
 
 def _tensorboard_available() -> bool:
@@ -569,7 +577,7 @@ class Pipeline:
                         "top_k": run.k,
                         "variant": run.variant,
                         "runtime": runtime,
-                        **{k: headroom[k] for k in HEADROOM_KEYS},
+                        **{k: headroom[k] for k in HEADROOM_KEYS if k in headroom},
                     },
                 )
             )

@@ -644,6 +644,17 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         * ``gate_hit_rate``: among the images some expert classifies right, the share whose top-1 expert
           (the gate's first choice) is one of them.
 
+        With ``assignment_target="classes"`` it also returns
+
+        * ``class_routing_accuracy``: among the images whose class some expert specialises in
+          (``expert_classes``), the share whose top-1 expert is one of those specialists;
+        * ``specialist_accuracy``: each expert alone on the images of its own classes (list; ``None`` for
+          an expert none of whose classes occur in ``y``).
+
+        Specialists that are no better on their classes than the others are (compare
+        ``specialist_accuracy`` with each expert's figure on the same classes) give the router nothing to
+        win, however well it routes.
+
         An oracle close to the best expert means the experts err on the same images, so no gate can recover
         accuracy at k = 1; a low hit rate beside a high oracle means the gate does not tell which expert to
         trust.
@@ -663,7 +674,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 f"Expected `y` to hold one label per image ({x.shape[0]}), got shape {tuple(y.shape)}."
             )
         expert_right = torch.zeros(self.num_experts, dtype=torch.long)
-        counts = dict.fromkeys(("moe", "ensemble", "oracle", "agree", "hit"), 0)
+        counts = dict.fromkeys(("moe", "ensemble", "oracle", "agree", "hit", "owned", "to_owner"), 0)
+        own_right = torch.zeros(self.num_experts, dtype=torch.long)
+        own_seen = torch.zeros(self.num_experts, dtype=torch.long)
         with training_mode(self, False):
             runners = self._expert_runners()
             for chunk, labels in zip(x.split(batch_size), y.split(batch_size)):
@@ -681,7 +694,19 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 counts["oracle"] += int(right.any(dim=0).sum())
                 counts["agree"] += int((predictions == predictions[:1]).all(dim=0).sum())
                 counts["hit"] += int(first_choice_right.sum())
+                if self._class_experts is not None:
+                    owners = self._class_experts[labels].T  # [N, B]: which experts own each image's class
+                    counts["owned"] += int(owners.any(dim=0).sum())
+                    counts["to_owner"] += int(owners.gather(0, gating.indices[:, :1].T).sum())
+                    own_right += (right & owners).sum(dim=1).cpu()
+                    own_seen += owners.sum(dim=1).cpu()
         n = max(int(x.shape[0]), 1)
+        by_class = {}
+        if self._class_experts is not None:
+            by_class = {
+                "class_routing_accuracy": counts["to_owner"] / max(counts["owned"], 1),
+                "specialist_accuracy": [int(r) / int(s) if s else None for r, s in zip(own_right, own_seen)],
+            }
         return {
             "accuracy": counts["moe"] / n,
             "expert_accuracy": [int(c) / n for c in expert_right],
@@ -689,6 +714,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             "oracle_accuracy": counts["oracle"] / n,
             "agreement": counts["agree"] / n,
             "gate_hit_rate": counts["hit"] / max(counts["oracle"], 1),
+            **by_class,
         }
 
     @override

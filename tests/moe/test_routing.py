@@ -228,6 +228,34 @@ def test_routing_headroom_of_specialists(specialists, k) -> None:
     assert headroom["gate_hit_rate"] == pytest.approx(hits) and hits >= 0.95
 
 
+def test_routing_headroom_of_class_specialists() -> None:
+    # Expert 0 also claims class 2 (on which it is wrong); no expert claims class 5.
+    claimed = [[0, 1, 2], [2, 3], [4]]
+    moe = MoELightningModule(
+        [Specialist(o) for o in _owners()],
+        input_shape=IMAGE,
+        assignment_target="classes",
+        expert_classes=claimed,
+    ).eval()
+    _, _, (x, y) = _loaders()
+    headroom = moe.routing_headroom(x, y, batch_size=70)
+    # Each specialist is right on the classes it owns, so only expert 0's claim on class 2 costs it.
+    assert headroom["specialist_accuracy"] == pytest.approx([2 / 3, 1.0, 1.0])
+    with torch.no_grad():
+        first_choice = moe.route(x)[0].indices[:, 0]
+    owner = [{e for e, cs in enumerate(claimed) if c in cs} for c in range(NUM_CLASSES)]
+    routed = [first_choice[i].item() in owner[c] for i, c in enumerate(y.tolist()) if owner[c]]
+    assert headroom["class_routing_accuracy"] == pytest.approx(sum(routed) / len(routed))
+    assert len(routed) == (y != 5).sum()
+    # No expert's classes in the labels: no figure rather than a made-up one.
+    assert moe.routing_headroom(x[y == 5], y[y == 5])["specialist_accuracy"] == [None] * NUM_EXPERTS
+
+
+def test_routing_headroom_without_expert_classes_has_no_class_figures(specialists) -> None:
+    _, _, (x, y) = _loaders()
+    assert not {"class_routing_accuracy", "specialist_accuracy"} & set(specialists.routing_headroom(x, y))
+
+
 def test_routing_headroom_checks_its_labels(specialists) -> None:
     _, _, (x, y) = _loaders()
     with pytest.raises(ValueError, match="one label per image"):
@@ -298,7 +326,10 @@ def test_label_aware_targets_teach_a_router_trained_at_top1(options) -> None:
             [Specialist(o) for o in _owners()], top_k=1, input_shape=IMAGE, learning_rate=1e-2, **target
         )
         fast_trainer(max_epochs=8, limit_val_batches=1).fit(moe, train, val)
-        accuracy[name] = moe.eval().routing_headroom(x, y)["accuracy"]
+        headroom = moe.eval().routing_headroom(x, y)
+        accuracy[name] = headroom["accuracy"]
+    if "expert_classes" in options:
+        assert headroom["class_routing_accuracy"] >= 0.95
     assert accuracy["aware"] >= 0.95
     assert accuracy["aware"] > accuracy["hard"] + 0.2, accuracy
 
