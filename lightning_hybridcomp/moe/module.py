@@ -651,9 +651,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         * ``specialist_accuracy``: each expert alone on the images of its own classes (list; ``None`` for
           an expert none of whose classes occur in ``y``).
 
-        Specialists that are no better on their classes than the others are (compare
-        ``specialist_accuracy`` with each expert's figure on the same classes) give the router nothing to
-        win, however well it routes.
+        Specialists no better on their classes than the uncompressed model is (compare
+        ``specialist_accuracy`` with its accuracy on the same classes) bound the mixture below it, however
+        well the router routes.
 
         An oracle close to the best expert means the experts err on the same images, so no gate can recover
         accuracy at k = 1; a low hit rate beside a high oracle means the gate does not tell which expert to
@@ -689,7 +689,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 predictions = probs.argmax(dim=-1)
                 right = predictions == labels  # [N, B]
                 expert_right += right.sum(dim=1).cpu()
-                first_choice_right = right.gather(0, gating.indices[:, :1].T).squeeze(0)
+                first_choice = gating.indices[:, :1].T  # [1, B]
+                first_choice_right = right.gather(0, first_choice).squeeze(0)
                 counts["ensemble"] += int((probs.mean(dim=0).argmax(dim=-1) == labels).sum())
                 counts["oracle"] += int(right.any(dim=0).sum())
                 counts["agree"] += int((predictions == predictions[:1]).all(dim=0).sum())
@@ -697,7 +698,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 if self._class_experts is not None:
                     owners = self._class_experts[labels].T  # [N, B]: which experts own each image's class
                     counts["owned"] += int(owners.any(dim=0).sum())
-                    counts["to_owner"] += int(owners.gather(0, gating.indices[:, :1].T).sum())
+                    counts["to_owner"] += int(owners.gather(0, first_choice).sum())
                     own_right += (right & owners).sum(dim=1).cpu()
                     own_seen += owners.sum(dim=1).cpu()
         n = max(int(x.shape[0]), 1)

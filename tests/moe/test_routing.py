@@ -60,6 +60,16 @@ def _owners() -> list[list[int]]:
     return [[2 * j, 2 * j + 1] for j in range(NUM_EXPERTS)]
 
 
+def _class_router(claimed: list[list[int]]) -> MoELightningModule:
+    """An untrained MoE over the specialists, routing by the classes each expert claims."""
+    return MoELightningModule(
+        [Specialist(o) for o in _owners()],
+        input_shape=IMAGE,
+        assignment_target="classes",
+        expert_classes=claimed,
+    )
+
+
 def _fit(experts: list[nn.Module], epochs: int, **kwargs) -> MoELightningModule:
     pl.seed_everything(0)
     train, val, _ = _loaders()
@@ -231,12 +241,7 @@ def test_routing_headroom_of_specialists(specialists, k) -> None:
 def test_routing_headroom_of_class_specialists() -> None:
     # Expert 0 also claims class 2 (on which it is wrong); no expert claims class 5.
     claimed = [[0, 1, 2], [2, 3], [4]]
-    moe = MoELightningModule(
-        [Specialist(o) for o in _owners()],
-        input_shape=IMAGE,
-        assignment_target="classes",
-        expert_classes=claimed,
-    ).eval()
+    moe = _class_router(claimed).eval()
     _, _, (x, y) = _loaders()
     headroom = moe.routing_headroom(x, y, batch_size=70)
     # Each specialist is right on the classes it owns, so only expert 0's claim on class 2 costs it.
@@ -288,12 +293,7 @@ def test_oracle_target_assigns_each_sample_to_an_expert_that_is_right() -> None:
 def test_classes_target_assigns_each_sample_to_the_expert_of_its_class(monkeypatch) -> None:
     # Expert 0 also claims class 2, which expert 1 owns: those samples are shared between the two.
     claimed = [[0, 1, 2], [2, 3], [4, 5]]
-    moe = MoELightningModule(
-        [Specialist(o) for o in _owners()],
-        input_shape=IMAGE,
-        assignment_target="classes",
-        expert_classes=claimed,
-    ).train()
+    moe = _class_router(claimed).train()
     _, _, (x, y) = _loaders()
     against = 3.0 * torch.nn.functional.one_hot((_owner_of(y) + 1) % 3).float()
     for logits in (torch.zeros(len(y), NUM_EXPERTS), against):
