@@ -13,6 +13,7 @@ from lightning_hybridcomp.moe.gate import (
     router_z_loss,
     routing_mask,
     top_k_gate,
+    with_other_owners,
 )
 from lightning_hybridcomp.moe.metrics import RoutingStatistics
 from lightning_hybridcomp.moe.module import DispatchResult, MoELightningModule, load_moe
@@ -34,4 +35,5 @@ __all__ = [
     "router_z_loss",
     "routing_mask",
     "top_k_gate",
+    "with_other_owners",
 ]

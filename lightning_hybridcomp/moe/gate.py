@@ -28,6 +28,7 @@ from lightning_hybridcomp.moe.routing import (  # re-exported: the gates' public
     router_z_loss,
     routing_mask,
     top_k_gate,
+    with_other_owners,
 )
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import export_with_dynamic_batch, serialize_program
@@ -53,6 +54,7 @@ __all__ = [
     "router_z_loss",
     "routing_mask",
     "top_k_gate",
+    "with_other_owners",
 ]
 
 # ---------------------------------------------------------------------------------------------- gate modules

@@ -72,6 +72,7 @@ from lightning_hybridcomp.moe.gate import (
     router_z_loss,
     routing_mask,
     top_k_gate,
+    with_other_owners,
 )
 from lightning_hybridcomp.moe.metrics import RoutingStatistics
 from lightning_hybridcomp.profiling import serialized_size
@@ -150,7 +151,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
             ``"classes"`` gives each sample the expert whose ``expert_classes`` hold its label (balanced among
             several, the router's choice where none does): for experts that specialise in some classes, e.g.
             by a :class:`~lightning_hybridcomp.data.ClassEmphasis`, the router learns to recognise the
-            specialist's part of the data, a coarser task than the classification itself.
+            specialist's part of the data, a coarser task than the classification itself. At ``top_k >= 2``
+            the class's other specialists come second (:func:`~lightning_hybridcomp.moe.routing.with_other_owners`),
+            so that a mixture of k experts puts them together.
         expert_classes: with ``assignment_target="classes"`` (and only then), one list of class indices per
             expert: the classes it specialises in.
         noisy_gating: add Shazeer's learned Gaussian noise to the router logits in training.
@@ -555,7 +558,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         """``[B, N]`` one-hot (``"soft"``: Sinkhorn) targets of the router's assignment loss for a batch.
 
         ``"hard"`` and ``"soft"`` balance the router's own logits (:func:`balanced_assignment`); ``"classes"``
-        balances them among the experts of each sample's class (``expert_classes``). ``"oracle"``
+        balances them among the experts of each sample's class (``expert_classes``) and, at ``top_k >= 2``,
+        ranks the class's other experts second (:func:`with_other_owners`: those rows are not one-hot).
+        ``"oracle"``
         balances them among the experts that classify each sample right, where some expert does and not all
         do: the router's own partition where the experts agree, a right expert where they do not. The
         experts run on every sample for it, without gradient and in eval mode (as they are used: no dropout,
@@ -571,7 +576,9 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
                 raise RuntimeError(
                     "assignment_target='classes' needs the `expert_classes` of the constructor."
                 )
-            return balanced_assignment(clean_logits, hard=True, allowed=self._class_experts[y])
+            owners = self._class_experts[y]
+            first = balanced_assignment(clean_logits, hard=True, allowed=owners)
+            return first if self.top_k < 2 else with_other_owners(first, owners)
         if self.assignment_target != "oracle":
             return balanced_assignment(clean_logits, hard=self.assignment_target == "hard")
         with training_mode(self.experts, False):

@@ -23,6 +23,7 @@ __all__ = [
     "router_z_loss",
     "routing_mask",
     "top_k_gate",
+    "with_other_owners",
 ]
 
 
@@ -299,6 +300,38 @@ def balanced_assignment(
     if hard:
         return torch.nn.functional.one_hot(log_p.argmax(dim=1), num_experts).to(z.dtype)
     return log_p.exp()
+
+
+def with_other_owners(first: Tensor, owners: Tensor) -> Tensor:
+    r"""``[B, N]`` targets that keep each sample's ``first`` expert first and rank its other ``owners`` next.
+
+    For a router that mixes ``k >= 2`` experts: where a sample has other allowed experts (e.g. the other
+    specialists of its class), its row gives the first expert weight 2 and each other owner weight 1,
+    normalised (``2/3``, ``1/3`` for two owners), so that the cross-entropy of :func:`assignment_loss` ranks
+    them second without tying them with the first (a tie would let one of them win every top-1 decision).
+    A sample without other owners keeps its one-hot row.
+
+    Args:
+        first: ``[B, N]`` one-hot rows (:func:`balanced_assignment` with ``hard=True``).
+        owners: ``[B, N]`` bool, the experts each sample may be assigned to.
+
+    Raises:
+        ValueError: for shapes that differ or are not ``[B, N]``.
+
+    Example::
+
+        >>> first = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> owners = torch.tensor([[True, True, False], [False, False, True]])
+        >>> [[round(v, 3) for v in row] for row in with_other_owners(first, owners).tolist()]
+        [[0.667, 0.333, 0.0], [0.0, 0.0, 1.0]]
+    """
+    _check_logits(first, "first")
+    if owners.shape != first.shape:
+        raise ValueError(
+            f"Expected `owners` to have the shape of `first` {tuple(first.shape)}, got {tuple(owners.shape)}."
+        )
+    weights = 2.0 * first + (owners.bool() & (first == 0)).to(first.dtype)
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def assignment_loss(logits: Tensor, target: Tensor, coefficient: float = 1.0) -> Tensor:

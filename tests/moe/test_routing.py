@@ -308,6 +308,56 @@ def test_classes_target_assigns_each_sample_to_the_expert_of_its_class(monkeypat
     assert torch.equal(moe.assignment_targets(x, y, against).argmax(-1)[y != 2], _owner_of(y)[y != 2])
 
 
+def test_classes_target_ranks_the_other_specialists_second_when_k_is_two() -> None:
+    # Class 2 has two specialists (experts 0 and 1); every other class has one.
+    claimed = [[0, 1, 2], [2, 3], [4, 5]]
+    _, _, (x, y) = _loaders()
+    logits = torch.randn(len(y), NUM_EXPERTS, generator=torch.Generator().manual_seed(1))
+    moe = _class_router(claimed).train()
+    targets = {}
+    for k in (1, 2):
+        moe.top_k = k
+        targets[k] = moe.assignment_targets(x, y, logits)
+    shared = y == 2
+    # The first place is the same at both k: the balanced choice among the class's specialists.
+    assert torch.equal(targets[2].argmax(-1), targets[1].argmax(-1))
+    assert torch.equal(targets[2][~shared], targets[1][~shared])
+    assert torch.equal(targets[1], torch.nn.functional.one_hot(targets[1].argmax(-1), NUM_EXPERTS).float())
+    first = targets[1][shared].argmax(-1)
+    rows = targets[2][shared]
+    assert torch.allclose(rows.gather(1, first[:, None]), torch.full((int(shared.sum()), 1), 2 / 3))
+    assert torch.allclose(rows[:, :2].sum(-1), torch.ones(int(shared.sum())))  # the rest to the other one
+    assert set(first.tolist()) == {0, 1}  # balanced between the two, not all to one
+
+
+def test_router_trained_at_top2_on_classes_puts_both_specialists_of_a_class_together() -> None:
+    """Two experts share classes 0-3, a third owns 4-5: at k = 2 the pair is chosen together on 0-3,
+    and at k = 1 each of the pair is still first on part of them (no tie). Every expert is right on every
+    class, so the task loss prefers none: the ranking is the target's."""
+    pl.seed_everything(0)
+    train, val, (x, y) = _loaders()
+    experts = [Specialist(None) for _ in range(NUM_EXPERTS)]
+    moe = MoELightningModule(
+        experts,
+        top_k=2,
+        input_shape=IMAGE,
+        learning_rate=1e-2,
+        assignment_target="classes",
+        expert_classes=[[0, 1, 2, 3], [0, 1, 2, 3], [4, 5]],
+    )
+    fast_trainer(max_epochs=8, limit_val_batches=1).fit(moe, train, val)
+    moe.eval()
+    with torch.no_grad():
+        gating, _ = moe.route(x)
+    pair = y < 4
+    chosen = gating.indices.sort(dim=-1).values
+    together = (chosen[pair] == torch.tensor([0, 1])).all(dim=-1).float().mean().item()
+    assert together >= 0.95, together
+    assert (gating.indices[~pair, 0] == 2).float().mean().item() >= 0.95
+    first_shares = torch.bincount(gating.indices[pair, 0], minlength=NUM_EXPERTS).float() / int(pair.sum())
+    assert first_shares[:2].min() >= 0.25, first_shares
+
+
 @pytest.mark.parametrize(
     "options",
     [
