@@ -183,6 +183,12 @@ def test_compiled_int8_artifact_matches_eager(models: SimpleNamespace) -> None:
     # Inductor's int8 kernels round slightly differently from the reference q/dq ops.
     assert relative_distance(out, models.int8_out) < 0.02
     assert float((out.argmax(1) == models.int8_out.argmax(1)).float().mean()) >= 0.9
+    # They are oneDNN's int8 kernels: without torchao's lowerings, inductor runs fp32 convolutions instead.
+    with torch.profiler.profile() as profile:
+        compiled(models.x)
+    ops = {event.name for event in profile.events()}
+    assert {"onednn::qconv_pointwise", "onednn::qlinear_pointwise"} <= ops, sorted(ops)
+    assert not any("_convolution" in op for op in ops), sorted(ops)
 
 
 def test_compile_artifact_takes_a_plain_exported_module() -> None:
