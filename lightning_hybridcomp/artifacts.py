@@ -26,6 +26,7 @@ from lightning_hybridcomp._io import write_bytes_atomic
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import (
     check_program_bytes,
+    config_values,
     export_for_artifact,
     import_quantized_ops,
     load_checked_program,
@@ -351,7 +352,7 @@ class InferenceOnly(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
 
-        frozen = inductor_config.patch(freezing=True) if self.freezing else contextlib.nullcontext()
+        frozen = config_values(inductor_config, freezing=True) if self.freezing else contextlib.nullcontext()
         with torch.no_grad(), frozen:
             return self.compiled(*args, **kwargs)
 

@@ -6,6 +6,7 @@ The toolkit the callbacks, the MoE and the artifact format share: ``torch.export
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -21,6 +22,7 @@ from torch.fx import GraphModule
 __all__ = [
     "ExportError",
     "check_program_bytes",
+    "config_values",
     "cpu_copy",
     "export_for_artifact",
     "export_with_dynamic_batch",
@@ -437,6 +439,32 @@ def _graph_targets(obj: Any) -> Iterator[str]:
     elif isinstance(obj, list):
         for value in obj:
             yield from _graph_targets(value)
+
+
+@contextlib.contextmanager
+def config_values(config: Any, **values: Any) -> Iterator[None]:
+    """Set entries of a torch config module (``torch._inductor.config``, ``torch._dynamo.config``) for a block.
+
+    What ``config.patch(...)`` does (the values are context-local in torch's config modules, so other threads
+    keep theirs), at a fraction of its cost: the patch builds a context object with a context variable on
+    every entry, about 0.1 ms, which is a tenth of a small compiled int8 model's call at batch 1 when it
+    wraps every call.
+
+    Example::
+
+        >>> import torch._inductor.config as inductor_config
+        >>> with config_values(inductor_config, freezing=True):
+        ...     inductor_config.freezing
+        True
+    """
+    previous = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(config, name, value)
 
 
 def import_quantized_ops() -> None:

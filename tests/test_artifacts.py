@@ -24,7 +24,7 @@ from lightning_hybridcomp.artifacts import (
 )
 from lightning_hybridcomp.models import ImageClassifier, build_backbone
 from lightning_hybridcomp.profiling import serialized_size
-from lightning_hybridcomp.programs import make_exported_train_eval_
+from lightning_hybridcomp.programs import config_values, make_exported_train_eval_
 from tests._helpers import relative_distance
 from tests._reference import reference_macs
 
@@ -189,6 +189,23 @@ def test_compiled_int8_artifact_matches_eager(models: SimpleNamespace) -> None:
     ops = {event.name for event in profile.events()}
     assert {"onednn::qconv_pointwise", "onednn::qlinear_pointwise"} <= ops, sorted(ops)
     assert not any("_convolution" in op for op in ops), sorted(ops)
+
+
+def test_config_values_are_restored_after_the_block_and_kept_from_other_threads() -> None:
+    import threading
+
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.freezing
+    seen_elsewhere = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with config_values(inductor_config, freezing=not before):
+            assert inductor_config.freezing is (not before)
+            thread = threading.Thread(target=lambda: seen_elsewhere.append(inductor_config.freezing))
+            thread.start()
+            thread.join()
+            raise RuntimeError("inside")
+    assert inductor_config.freezing is before and seen_elsewhere == [before]
 
 
 def test_compile_artifact_takes_a_plain_exported_module() -> None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_hybridcomp.moe.gate import TopKGating, dense_gates
 from lightning_hybridcomp.moe.metrics import LOG_EPS
+from lightning_hybridcomp.programs import config_values
 
 __all__ = [
     "BucketedExpert",
@@ -82,7 +83,7 @@ class BucketedExpert(nn.Module):
         self.buckets.add(size)
         if size != n:
             x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
-        with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, _MAX_BUCKETS)):
+        with config_values(dynamo_config, recompile_limit=max(dynamo_config.recompile_limit, _MAX_BUCKETS)):
             return self.compiled(x)[:n]
 
 
