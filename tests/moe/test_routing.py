@@ -334,19 +334,13 @@ def test_router_trained_at_top2_on_classes_puts_both_specialists_of_a_class_toge
     """Two experts share classes 0-3, a third owns 4-5: at k = 2 the pair is chosen together on 0-3,
     and at k = 1 each of the pair is still first on part of them (no tie). Every expert is right on every
     class, so the task loss prefers none: the ranking is the target's."""
-    pl.seed_everything(0)
-    train, val, (x, y) = _loaders()
-    experts = [Specialist(None) for _ in range(NUM_EXPERTS)]
-    moe = MoELightningModule(
-        experts,
-        top_k=2,
-        input_shape=IMAGE,
-        learning_rate=1e-2,
+    moe = _fit(
+        [Specialist(None) for _ in range(NUM_EXPERTS)],
+        epochs=8,
         assignment_target="classes",
         expert_classes=[[0, 1, 2, 3], [0, 1, 2, 3], [4, 5]],
     )
-    fast_trainer(max_epochs=8, limit_val_batches=1).fit(moe, train, val)
-    moe.eval()
+    _, _, (x, y) = _loaders()
     with torch.no_grad():
         gating, _ = moe.route(x)
     pair = y < 4
