@@ -42,6 +42,7 @@ from lightning_hybridcomp.data import ClassEmphasis
 from lightning_hybridcomp.pipeline_checks import check_pipeline
 from lightning_hybridcomp.pipeline_config import (
     ExpertConfig,
+    MoEConfig,
     MoERun,
     PipelineConfig,
     PipelineError,
@@ -283,9 +284,10 @@ class Pipeline:
         return QuantizationAwareTraining(**spec.quantization) if spec.quantization is not None else None
 
     def distillation_callback(
-        self, spec: ExpertConfig, teacher: nn.Module | None = None
+        self, spec: ExpertConfig | MoEConfig, teacher: nn.Module | None = None
     ) -> KnowledgeDistillation | None:
-        """The expert's ``KnowledgeDistillation`` from the baseline's artifact (``None`` without ``distillation``).
+        """An expert's or the MoE's ``KnowledgeDistillation`` from the baseline's artifact (``None`` without
+        ``distillation``).
 
         ``teacher`` stands in for the baseline's artifact where it does not exist yet (the checks before
         training).
@@ -294,7 +296,7 @@ class Pipeline:
             return None
         if "teacher" in spec.distillation:
             raise ValueError(
-                "Expected no `teacher` in an expert's `distillation`: the pipeline distills from its baseline."
+                "Expected no `teacher` in `distillation`: the pipeline distills from its baseline."
             )
         source = self.run_dir / "baseline" / "model.pt2" if teacher is None else teacher
         return KnowledgeDistillation(source, **spec.distillation)
@@ -407,7 +409,9 @@ class Pipeline:
                 " made by an older version: run again with `--force`."
             )
         moe = self.moe_module(run, [str(path) for path in experts])
-        trainer = self.phase_trainer(folder, run.name, self.config.moe.max_epochs, [])
+        distillation = self.distillation_callback(self.config.moe)
+        callbacks: list[Callback] = [distillation] if distillation is not None else []
+        trainer = self.phase_trainer(folder, run.name, self.config.moe.max_epochs, callbacks)
         self._fit(trainer, moe, folder)
         target = folder / "moe.ckpt"
         # `save_checkpoint` is a collective that rank zero alone writes; the rename makes it appear whole.

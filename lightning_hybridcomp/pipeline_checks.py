@@ -27,7 +27,7 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.data import ClassEmphasis
 from lightning_hybridcomp.moe._arguments import check_expert_classes
 from lightning_hybridcomp.moe.gate import feature_expert_index
-from lightning_hybridcomp.pipeline_config import ExpertConfig, PipelineConfigError, check_init_args
+from lightning_hybridcomp.pipeline_config import PipelineConfigError, check_init_args
 
 if TYPE_CHECKING:
     from lightning_hybridcomp.pipeline import Pipeline
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["check_pipeline"]
 
 _T = TypeVar("_T")
+_S = TypeVar("_S")
 # The package's messages name the argument they are about in backticks: "Expected `start_epoch` >= 1 ...".
 _NAMED_ARGUMENT = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 #: What a component's constructor or a Trainer raises for a value it refuses.
@@ -76,12 +77,12 @@ def _constructed(
     cls: type,
     arguments: dict[str, Any],
     section: str,
-    make: Callable[[ExpertConfig], _T],
-    expert: ExpertConfig,
+    make: Callable[[_S], _T],
+    spec: _S,
 ) -> _T:
-    """``make(expert)`` after checking that ``cls`` takes every key of ``arguments`` (listing the valid ones)."""
+    """``make(spec)`` after checking that ``cls`` takes every key of ``arguments`` (listing the valid ones)."""
     check_init_args(cls, arguments, section=section)
-    return make(expert)
+    return make(spec)
 
 
 def _set_up(callback: Callback, trainer: pl.Trainer, model: pl.LightningModule) -> None:
@@ -203,6 +204,14 @@ def _check(pipeline: Pipeline) -> _Problems:
         # Without experts, the module cannot count the lists.
         expert_classes = partial(check_expert_classes, moe.options["expert_classes"], "classes", count)
         problems.attempt(expert_classes, "moe.options.expert_classes", option_paths)
+    if isinstance(moe.distillation, dict):
+        where = "moe.distillation"
+        paths = {n: f"{where}.{n}" for n in moe.distillation}
+        # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
+        make = partial(pipeline.distillation_callback, teacher=nn.Identity())
+        problems.attempt(
+            partial(_constructed, KnowledgeDistillation, moe.distillation, where, make, moe), where, paths
+        )
     gate = moe.options.get("gate", "cnn")
     problems.attempt(partial(feature_expert_index, gate, count), "moe.options.gate", option_paths)
     problems.attempt(partial(make_trainer, folder, "moe", moe.max_epochs, []), "trainer", trainer_paths)

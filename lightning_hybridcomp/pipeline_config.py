@@ -204,12 +204,16 @@ class MoEConfig:
         variants: ``"frozen"`` (the int8 expert artifacts, as they are) and/or ``"tuned"`` (the experts
             fine-tuned on their routed samples in fake-quant form, then converted; needs every expert to
             use one PT2E QAT backend, ``x86_pt2e`` or ``xnnpack``).
+        distillation: ``KnowledgeDistillation`` arguments (``alpha``, ``temperature``; the teacher is the
+            baseline) for the MoE's training: the mixture learns from the baseline's soft targets too.
+            ``None`` trains on the labels alone.
     """
 
     top_k: list[int] = field(default_factory=lambda: [1, 2])
     max_epochs: int = 6
     options: dict[str, Any] = field(default_factory=lambda: {"balance_coefficient": 0.05})
     variants: list[str] = field(default_factory=lambda: ["frozen"])
+    distillation: dict[str, Any] | None = None
 
     def runs(self) -> list[MoERun]:
         """Every MoE phase, variant by variant, each at every ``top_k``."""
@@ -471,6 +475,13 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                 "moe.top_k",
                 f"Expected every `moe.top_k` to be at most the number of experts ({len(config.experts)}),"
                 f" got {top_k}.",
+            )
+        )
+    if config.moe.distillation is not None and not isinstance(config.moe.distillation, dict):
+        problems.append(
+            (
+                "moe.distillation",
+                f"Expected `distillation` to be a mapping of arguments, got {config.moe.distillation!r}.",
             )
         )
     variants = config.moe.variants

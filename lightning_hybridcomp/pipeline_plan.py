@@ -138,7 +138,15 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
         for i, e in enumerate(config.experts)
     ]
     routed = {"experts": {e.key: e.fingerprint for e in experts}, "expert_order": [e.key for e in experts]}
-    moe_settings = {k: v for k, v in asdict(config.moe).items() if k not in ("top_k", "variants")}
+    # Without distillation a MoE's fingerprint is the same as before the key existed: old runs stay done.
+    moe_settings = {
+        k: v
+        for k, v in asdict(config.moe).items()
+        if k not in ("top_k", "variants") and not (k == "distillation" and v is None)
+    }
+    # A distilled MoE learns from the baseline's artifact: it depends on the baseline phase.
+    teacher = {} if config.moe.distillation is None else {"teacher": baseline.fingerprint}
+    moe_upstream = ("baseline",) if teacher else ()
     moes: list[PhaseSpec] = []
     for run in config.moe.runs():
         label = f"MoE top-{run.k}" + ("" if run.variant == "frozen" else f" ({run.variant} experts)")
@@ -160,9 +168,9 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
                 run.key,
                 label,
                 # A frozen MoE's fingerprint is the same as before variants existed, so old runs stay done.
-                {**routed, "top_k": run.k, "moe": moe_settings}
+                {**routed, "top_k": run.k, "moe": moe_settings, **teacher}
                 | ({} if run.variant == "frozen" else {"variant": run.variant}),
-                tuple(e.key for e in experts),
+                (*moe_upstream, *(e.key for e in experts)),
                 config.moe.max_epochs,
             )
         )

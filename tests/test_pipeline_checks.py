@@ -69,20 +69,22 @@ def test_every_problem_is_reported_together(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("distillation", "match"),
     [
-        ({"alpha": 2}, r"^experts\[1\]\.distillation\.alpha: Expected `alpha` to be a float in \(0, 1\]"),
-        ({"temprature": 2.0}, r"^experts\[1\]\.distillation: .*temprature.*temperature"),
+        ({"alpha": 2}, r"^{at}\.distillation\.alpha: Expected `alpha` to be a float in \(0, 1\]"),
+        ({"temprature": 2.0}, r"^{at}\.distillation: .*temprature.*temperature"),
         (
             {"teacher": "other.pt2"},
-            r"^experts\[1\]\.distillation\S*: Expected no `teacher`.*distills from its baseline",
+            r"^{at}\.distillation\S*: Expected no `teacher`.*distills from its baseline",
         ),
-        (0.5, r"^experts\[1\]\.distillation: Expected `distillation` to be a mapping of arguments, got 0\.5"),
+        (0.5, r"^{at}\.distillation: Expected `distillation` to be a mapping of arguments, got 0\.5"),
     ],
     ids=["alpha", "typo", "teacher", "not-a-mapping"],
 )
-def test_distillation_arguments_are_checked_before_training(tmp_path, distillation, match) -> None:
+@pytest.mark.parametrize("section", ["expert", "moe"])
+def test_distillation_arguments_are_checked_before_training(tmp_path, section, distillation, match) -> None:
     raw = _raw(tmp_path / "run")
-    raw["experts"][1]["distillation"] = distillation
-    with pytest.raises(ValueError, match=match):
+    (raw["experts"][1] if section == "expert" else raw["moe"])["distillation"] = distillation
+    at = r"experts\[1\]" if section == "expert" else "moe"
+    with pytest.raises(ValueError, match=match.replace("{at}", at)):
         Pipeline(parse_pipeline_config(raw), say=lambda _: None)
     assert not (tmp_path / "run").exists()
 

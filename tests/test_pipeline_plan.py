@@ -109,6 +109,24 @@ def test_added_expert_trains_alone_and_a_removed_one_keeps_its_files(run_copy) -
     assert {p.spec.key: p.action for p in restored}["experts/half"] == "skip"
 
 
+def test_distilled_moe_redoes_the_moe_only_and_depends_on_the_baseline(run_copy) -> None:
+    kept = {name: _files(run_copy / name) for name in ("baseline", "experts/half", "experts/third")}
+    raw = _small(run_copy)
+    raw["moe"]["distillation"] = {"alpha": 0.5, "temperature": 2.0}
+    _, out = _run(raw)
+    assert out.count("finished earlier, skipped") == 3
+    assert "redo" in _plan_line(out, "moe/k1") and "moe.distillation" in _plan_line(out, "moe/k1")
+    for name, files in kept.items():
+        assert _files(run_copy / name) == files, name
+    latest = sorted((run_copy / "logs" / "moe-k1").glob("version_*"))[-1]  # the redone phase's log
+    header = (latest / "metrics.csv").read_text().splitlines()[0]
+    assert "distillation/soft_target_loss" in header.split(",")  # the MoE trained on the soft targets
+    moe = {s.key: s for s in phase_specs(parse_pipeline_config(raw))}["moe/k1"]
+    assert moe.upstream[0] == "baseline"  # the teacher: a new baseline redoes the distilled MoE
+    plain = {s.key: s for s in phase_specs(parse_pipeline_config(_small(run_copy)))}["moe/k1"]
+    assert "baseline" not in plain.upstream and "teacher" not in plain.inputs
+
+
 def test_only_processes_share_one_run_dir_and_the_moe_uses_both(tmp_path) -> None:
     run_dir = tmp_path / "run"
     raw = _small(run_dir)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -80,6 +80,14 @@ from lightning_hybridcomp.profiling import serialized_size
 __all__ = ["DispatchResult", "MoELightningModule", "load_moe"]
 
 
+class _Routed(NamedTuple):
+    """One training-mode forward's routing: the decision, the clean router logits and the dispatch."""
+
+    gating: TopKGating
+    clean_logits: Tensor
+    result: DispatchResult
+
+
 class MoELightningModule(ExpertStages, pl.LightningModule):
     r"""Mixture of Experts over whole classifiers: a small gate picks the top-k experts for each image.
 
@@ -94,6 +102,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
     (:func:`~lightning_hybridcomp.moe.dispatch.mix_expert_probabilities`: the kept gate weights are divided
     by their sum, so at ``k = 1`` it is the chosen expert's own distribution); in training, top-1 keeps the
     router's raw probability as the weight (Switch), so the training mixture sums to that probability.
+    ``training_step`` computes its mixture through ``self(x)``, so callbacks that hook the module's forward
+    see it: ``KnowledgeDistillation`` distills a teacher into the whole mixture (gate and tuned experts).
 
     Every expert becomes an exported program the MoE owns (:func:`~lightning_hybridcomp.moe.experts.build_expert`),
     run with eval semantics (BatchNorm on running statistics, no dropout) also while the gate trains.
@@ -268,6 +278,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
         self._gate_program: bytes | None = None
         # In a tuple, so that the compiled gate is not registered as a submodule (the state_dict stays).
         self._compiled_gate: tuple[nn.Module] | None = None
+        # What the last training-mode forward routed, for `training_step`'s auxiliary losses.
+        self._routed: _Routed | None = None
         if experts is None:
             # Built by `on_load_checkpoint` from the checkpoint's experts. In a tuple, because an nn.Module
             # attribute would register the gate module as a submodule of the unbuilt MoE.
@@ -507,8 +519,11 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        gating, _ = self.route(x)
-        return log_mixture(self.dispatch(x, gating).probs)
+        gating, clean_logits = self.route(x)
+        result = self.dispatch(x, gating)
+        if self.training:
+            self._routed = _Routed(gating, clean_logits, result)
+        return log_mixture(result.probs)
 
     # ------------------------------------------------------------------ training
 
@@ -521,9 +536,13 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = inputs_from_batch(batch), batch[1]
-        gating, clean_logits = self.route(x)
-        result = self.dispatch(x, gating)
-        task = F.nll_loss(log_mixture(result.probs), y)
+        # Through `self(x)`, so that hooks on the module's forward (KnowledgeDistillation) see the mixture.
+        log_probs = self(x)
+        routed, self._routed = self._routed, None
+        if routed is None:
+            raise RuntimeError("MoELightningModule.training_step needs the module in training mode.")
+        gating, clean_logits, result = routed
+        task = F.nll_loss(log_probs, y)
         mask = routing_mask(gating.indices, self.num_experts)
         balance = load_balancing_loss(gating.probs, mask, self.balance_coefficient)
         importance = importance_loss(dense_gates(gating), self.importance_coefficient)

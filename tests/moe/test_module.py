@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_hybridcomp.artifacts import save_artifact
+from lightning_hybridcomp.callbacks import KnowledgeDistillation, soft_target_loss
 from lightning_hybridcomp.data import DigitsDataModule
 from lightning_hybridcomp.moe.dispatch import BucketedExpert, bucket_size
 from lightning_hybridcomp.moe.gate import Gate, GateNetwork, routing_mask, top_k_gate
@@ -632,6 +634,30 @@ def test_unfrozen_experts_fine_tune_but_int8_experts_stay_frozen(digits):
     assert changed == [True, False]
     # The MoE owns a copy: the user's module is untouched.
     assert all(torch.equal(v, fp32.state_dict()[k]) for k, v in original.items())
+
+
+@pytest.mark.parametrize("freeze_experts", [True, False])
+def test_knowledge_distillation_distills_into_the_training_mixture(freeze_experts):
+    # The callback hooks the module's forward: training_step computes its mixture through self(x).
+    moe = MoELightningModule(
+        _random_experts(), top_k=2, input_shape=IMAGE, noisy_gating=False, freeze_experts=freeze_experts
+    )
+    _randomise_gate_(moe)
+    teacher = TinyCNN(5).eval()
+    loader = DataLoader(random_classification_data(16, IMAGE), batch_size=16)
+    x, _ = next(iter(loader))
+    reference = copy.deepcopy(moe).train()
+    with torch.no_grad():
+        expected = soft_target_loss(reference(x), teacher(x), 2.0)
+    gate_before = [p.detach().clone() for p in moe.gate.parameters()]
+    trainer = fast_trainer(
+        max_steps=1, callbacks=[KnowledgeDistillation(teacher, alpha=0.5, temperature=2.0)]
+    )
+    trainer.fit(moe, loader)
+    torch.testing.assert_close(trainer.callback_metrics["distillation/soft_target_loss"], expected)
+    assert any(not torch.equal(a, b) for a, b in zip(gate_before, moe.gate.parameters()))
+    assert moe._routed is None  # the step took its routing: no graph kept between steps
+    assert "training_step" not in moe.__dict__
 
 
 @pytest.mark.parametrize(("expert_learning_rate", "expected"), [(None, 1e-3), (5e-5, 5e-5)])
