@@ -141,6 +141,8 @@ def _check(pipeline: Pipeline) -> _Problems:
         partial(make_trainer, folder, "baseline", config.baseline.max_epochs, []), "trainer", trainer_paths
     )
 
+    # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
+    distillation = partial(pipeline.distillation_callback, teacher=nn.Identity())
     for i, expert in enumerate(config.experts):
         section = f"experts[{i}]"
         expert_model = model
@@ -154,13 +156,7 @@ def _check(pipeline: Pipeline) -> _Problems:
         for kind, arguments, cls, make in (
             ("pruning", expert.pruning, StructuredPruning, pipeline.pruning_callback),
             ("quantization", expert.quantization, QuantizationAwareTraining, pipeline.quantization_callback),
-            # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
-            (
-                "distillation",
-                expert.distillation,
-                KnowledgeDistillation,
-                partial(pipeline.distillation_callback, teacher=nn.Identity()),
-            ),
+            ("distillation", expert.distillation, KnowledgeDistillation, distillation),
         ):
             if arguments is None:
                 continue
@@ -207,10 +203,10 @@ def _check(pipeline: Pipeline) -> _Problems:
     if isinstance(moe.distillation, dict):
         where = "moe.distillation"
         paths = {n: f"{where}.{n}" for n in moe.distillation}
-        # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
-        make = partial(pipeline.distillation_callback, teacher=nn.Identity())
         problems.attempt(
-            partial(_constructed, KnowledgeDistillation, moe.distillation, where, make, moe), where, paths
+            partial(_constructed, KnowledgeDistillation, moe.distillation, where, distillation, moe),
+            where,
+            paths,
         )
     gate = moe.options.get("gate", "cnn")
     problems.attempt(partial(feature_expert_index, gate, count), "moe.options.gate", option_paths)

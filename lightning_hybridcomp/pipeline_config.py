@@ -406,6 +406,13 @@ def _build(cls: type, value: Any, section: str) -> Any:
     return cls(**kwargs)
 
 
+def _not_a_mapping(arguments: Any, section: str, kind: str) -> list[tuple[str, str]]:
+    """The problem of a component's ``arguments`` that are set but not a mapping (none when fine)."""
+    if arguments is None or isinstance(arguments, dict):
+        return []
+    return [(f"{section}.{kind}", f"Expected `{kind}` to be a mapping of arguments, got {arguments!r}.")]
+
+
 def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
     """The inconsistent values of ``config``, each with its YAML path."""
     problems: list[tuple[str, str]] = []
@@ -431,14 +438,7 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                 (f"experts[{i}].name", f"Expected expert `name` to be a plain folder name, got {e.name!r}.")
             )
         for kind in ("pruning", "quantization", "distillation", "emphasis"):
-            arguments = getattr(e, kind)
-            if arguments is not None and not isinstance(arguments, dict):
-                problems.append(
-                    (
-                        f"experts[{i}].{kind}",
-                        f"Expected `{kind}` to be a mapping of arguments, got {arguments!r}.",
-                    )
-                )
+            problems += _not_a_mapping(getattr(e, kind), f"experts[{i}]", kind)
         if isinstance(e.emphasis, dict) and not set(e.emphasis) <= {"classes", "weight"}:
             problems.append(
                 (
@@ -477,13 +477,7 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                 f" got {top_k}.",
             )
         )
-    if config.moe.distillation is not None and not isinstance(config.moe.distillation, dict):
-        problems.append(
-            (
-                "moe.distillation",
-                f"Expected `distillation` to be a mapping of arguments, got {config.moe.distillation!r}.",
-            )
-        )
+    problems += _not_a_mapping(config.moe.distillation, "moe", "distillation")
     variants = config.moe.variants
     if (
         not isinstance(variants, list)

@@ -19,7 +19,6 @@ from typing import Any
 
 from lightning_hybridcomp._io import file_lock, write_bytes_atomic
 from lightning_hybridcomp.pipeline_config import (
-    ExpertConfig,
     PipelineConfig,
     PipelineError,
     parse_pipeline_config,
@@ -106,10 +105,15 @@ class PhaseSpec:
         return _fingerprint(self.inputs)
 
 
-def _expert_settings(expert: ExpertConfig) -> dict[str, Any]:
-    # Without distillation or emphasis an expert's fingerprint is the same as before those keys existed:
-    # old runs stay done.
-    return {k: v for k, v in asdict(expert).items() if not (k in ("distillation", "emphasis") and v is None)}
+def _settings(section: Any, *, optional: tuple[str, ...], omitted: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config section's fields for a fingerprint, less ``omitted`` and the ``optional`` ones left ``None``.
+
+    Optional keys added after runs were made are left out while unset, so those runs' fingerprints, and
+    their done phases, stay as they were.
+    """
+    return {
+        k: v for k, v in asdict(section).items() if k not in omitted and not (k in optional and v is None)
+    }
 
 
 def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
@@ -130,7 +134,7 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
         PhaseSpec(
             f"experts/{e.name}",
             f"expert {i + 1}/{len(config.experts)} '{e.name}'",
-            {"baseline": baseline.fingerprint, "expert": _expert_settings(e)},
+            {"baseline": baseline.fingerprint, "expert": _settings(e, optional=("distillation", "emphasis"))},
             ("baseline",),
             e.max_epochs,
             ("expert", f"experts[{i}]"),
@@ -138,12 +142,7 @@ def phase_specs(config: PipelineConfig) -> list[PhaseSpec]:
         for i, e in enumerate(config.experts)
     ]
     routed = {"experts": {e.key: e.fingerprint for e in experts}, "expert_order": [e.key for e in experts]}
-    # Without distillation a MoE's fingerprint is the same as before the key existed: old runs stay done.
-    moe_settings = {
-        k: v
-        for k, v in asdict(config.moe).items()
-        if k not in ("top_k", "variants") and not (k == "distillation" and v is None)
-    }
+    moe_settings = _settings(config.moe, optional=("distillation",), omitted=("top_k", "variants"))
     # A distilled MoE learns from the baseline's artifact: it depends on the baseline phase.
     teacher = {} if config.moe.distillation is None else {"teacher": baseline.fingerprint}
     moe_upstream = ("baseline",) if teacher else ()

@@ -521,8 +521,8 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         gating, clean_logits = self.route(x)
         result = self.dispatch(x, gating)
-        if self.training:
-            self._routed = _Routed(gating, clean_logits, result)
+        # Kept for the step only from a training-mode forward: an eval forward leaves nothing stale.
+        self._routed = _Routed(gating, clean_logits, result) if self.training else None
         return log_mixture(result.probs)
 
     # ------------------------------------------------------------------ training
