@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_hybridcomp._io import read_checkpoint
 
 _BATCH_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
+_BATCH_LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 
 
 def resolve_module(root: nn.Module, name: str | None, *, arg_name: str = "module") -> nn.Module:
@@ -162,6 +163,25 @@ def inputs_from_batch(batch: Any) -> Tensor:
         f"Could not find the input tensor in a training batch of type {type(batch).__name__}. Batches are"
         f" read as a tensor, an (input, target) sequence or a mapping with one of the keys {_BATCH_INPUT_KEYS};"
         " for another layout pass `example_input_shape` to the callback."
+    )
+
+
+def labels_from_batch(batch: Any) -> Tensor:
+    """Pick the class labels out of a batch: the second item of a sequence, or a mapping's ``y``, ``label``,
+    ``labels``, ``target`` or ``targets``.
+
+    Raises:
+        RuntimeError: if no label tensor can be found in the batch.
+    """
+    if isinstance(batch, Mapping):
+        for key in _BATCH_LABEL_KEYS:
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    elif isinstance(batch, Sequence) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    raise RuntimeError(
+        f"Could not find the labels in a batch of type {type(batch).__name__}. Batches are read as an"
+        f" (input, target) sequence or a mapping with one of the keys {_BATCH_LABEL_KEYS}."
     )
 
 

@@ -134,6 +134,11 @@ def expect_shape(value: Any, name: str, *, example: str = "[1, 3, 32, 32]") -> l
 
 def expect_names(value: Any, name: str, *, example: str) -> list[str]:
     """``None`` or a list of fully qualified module names / glob patterns; returns a list."""
+    if isinstance(value, str):
+        raise TypeError(
+            f"Expected `{name}` to be a list of fully qualified names or glob patterns, got the string"
+            f" {value!r}; write [{value!r}]."
+        )
     names = list(value or [])
     bad = [item for item in names if not isinstance(item, str)]
     if bad:

@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from lightning_hybridcomp._distributed import broadcast_from_rank_zero, is_global_zero, on_rank_zero
 from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, read_checkpoint
-from lightning_hybridcomp._lightning import PhaseProgress, completed_epochs, inputs_from_batch
+from lightning_hybridcomp._lightning import (
+    PhaseProgress,
+    completed_epochs,
+    inputs_from_batch,
+    labels_from_batch,
+)
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact, save_artifact
 from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
@@ -479,7 +484,7 @@ class Pipeline:
         """The test split's batches, read once and shared by every model's measurement."""
         dm = self.datamodule
         dm.setup("test")
-        return [(inputs_from_batch(batch), batch[1]) for batch in dm.test_dataloader()]
+        return [(inputs_from_batch(batch), labels_from_batch(batch)) for batch in dm.test_dataloader()]
 
     @functools.cached_property
     def _test_images(self) -> Tensor:

@@ -23,7 +23,12 @@ from typing_extensions import override
 
 from lightning_hybridcomp._graph_passes import signed_int8_activations
 from lightning_hybridcomp._io import read_checkpoint
-from lightning_hybridcomp._lightning import init_arguments, inputs_from_batch, training_mode
+from lightning_hybridcomp._lightning import (
+    init_arguments,
+    inputs_from_batch,
+    labels_from_batch,
+    training_mode,
+)
 from lightning_hybridcomp._validation import expect_bool, expect_int
 from lightning_hybridcomp.artifacts import InferenceOnly, compile_artifact
 from lightning_hybridcomp.moe._arguments import (
@@ -535,7 +540,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = inputs_from_batch(batch), batch[1]
+        x, y = inputs_from_batch(batch), labels_from_batch(batch)
         # Through `self(x)`, so that hooks on the module's forward (KnowledgeDistillation) see the mixture.
         log_probs = self(x)
         routed, self._routed = self._routed, None
@@ -750,7 +755,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._update_routing(self._routing, inputs_from_batch(batch), batch[1])
+        self._update_routing(self._routing, inputs_from_batch(batch), labels_from_batch(batch))
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -765,7 +770,7 @@ class MoELightningModule(ExpertStages, pl.LightningModule):
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._update_routing(self._routing, inputs_from_batch(batch), batch[1])
+        self._update_routing(self._routing, inputs_from_batch(batch), labels_from_batch(batch))
 
     @override
     def on_test_epoch_end(self) -> None:

@@ -567,6 +567,11 @@ def test_removed_target_arguments_name_the_new_ones():
             TypeError,
             r"`ignored_layers` to be a list of fully qualified",
         ),
+        (
+            {"ignored_layers": "net.fc"},
+            TypeError,
+            r"`ignored_layers` .* got the string 'net.fc'; write \['net.fc'\]",
+        ),
         ({"network": nn.Linear(1, 1)}, TypeError, r"`network` to be the fully qualified name"),
         ({"global_pruning": "yes"}, TypeError, r"`global_pruning`"),
         ({"importance": "taylor"}, ValueError, r"`start_epoch` >= 1 with Taylor"),

@@ -636,6 +636,35 @@ def test_unfrozen_experts_fine_tune_but_int8_experts_stay_frozen(digits):
     assert all(torch.equal(v, fp32.state_dict()[k]) for k, v in original.items())
 
 
+class _DictBatches(torch.utils.data.Dataset):
+    def __init__(self, data: torch.utils.data.TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        image, label = self.data[i]
+        return {"image": image, "label": label}
+
+
+def test_dict_batches_train_and_evaluate_like_tuple_batches():
+    data = random_classification_data(32, IMAGE)
+    results = []
+    for dataset in (data, _DictBatches(data)):
+        pl.seed_everything(0)
+        moe = MoELightningModule(_random_experts(), top_k=2, input_shape=IMAGE)
+        loader = DataLoader(dataset, batch_size=16)
+        trainer = fast_trainer(max_epochs=1)
+        trainer.fit(moe, loader, loader)
+        results.append(([p.detach().clone() for p in moe.gate.parameters()], trainer.test(moe, loader)))
+    (gate, tested), (dict_gate, dict_tested) = results
+    assert all(torch.equal(a, b) for a, b in zip(gate, dict_gate))
+    assert tested == dict_tested
+    with pytest.raises(RuntimeError, match=r"Could not find the labels .*\('y', 'label'"):
+        moe.test_step({"image": data.tensors[0][:4], "cls": data.tensors[1][:4]}, 0)
+
+
 @pytest.mark.parametrize("freeze_experts", [True, False])
 def test_knowledge_distillation_distills_into_the_training_mixture(freeze_experts):
     # The callback hooks the module's forward: training_step computes its mixture through self(x).
