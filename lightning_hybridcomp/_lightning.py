@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import inspect
 import itertools
 import math
 import os
@@ -223,6 +224,32 @@ def example_from_batch(batch: Any) -> Tensor:
     return inputs_from_batch(batch)[:EXAMPLE_BATCH].detach()
 
 
+def declared_example_input(module: nn.Module) -> Tensor | None:
+    """A module's ``example_input_array`` as the one input tensor the package traces networks with.
+
+    A one-item tuple or list is unwrapped. ``None`` when the module declares none.
+
+    Raises:
+        TypeError: if it declares several inputs (a tuple, list or mapping for a ``forward`` with more than one
+            argument) or something that is not a tensor.
+    """
+    declared = getattr(module, "example_input_array", None)
+    if isinstance(declared, (tuple, list)) and len(declared) == 1:
+        declared = declared[0]
+    if declared is None or isinstance(declared, Tensor):
+        return declared
+    what = (
+        f"a {type(declared).__name__} of {len(declared)}"
+        if isinstance(declared, (tuple, list, Mapping))
+        else (f"a {type(declared).__name__}")
+    )
+    raise TypeError(
+        f"Expected `{type(module).__name__}.example_input_array` to be one input tensor, got {what}. The"
+        " package's callbacks trace, prune and quantize networks whose forward takes one image tensor; wrap a"
+        " network with several inputs so that it takes one, or set `example_input_array` to that tensor."
+    )
+
+
 def example_inputs(
     pl_module: pl.LightningModule,
     *,
@@ -244,8 +271,9 @@ def example_inputs(
     if recorded is not None:
         return make_example(*recorded, device=device)
     if whole_network:
-        if isinstance(pl_module.example_input_array, Tensor):
-            return pl_module.example_input_array.to(device)
+        declared = declared_example_input(pl_module)
+        if declared is not None:
+            return declared.to(device)
         if batch is not None:
             return example_from_batch(batch).to(device)
     return None
@@ -352,6 +380,21 @@ def init_arguments(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
         {'width': 8}
     """
     return {str(k): v for k, v in (hparams or {}).items() if not str(k).startswith("_")}
+
+
+def required_init_parameters(cls: type) -> list[str]:
+    """The names of the ``__init__`` parameters of ``cls`` that have no default (``self`` and ``*args`` aside).
+
+    Example::
+
+        >>> class Net:
+        ...     def __init__(self, width, depth=2, *args, **kwargs): ...
+        >>> required_init_parameters(Net)
+        ['width']
+    """
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind not in variadic]
 
 
 def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:

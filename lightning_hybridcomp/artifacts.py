@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 
 from lightning_hybridcomp._graph_passes import check_deterministic, signed_int8_activations
 from lightning_hybridcomp._io import write_bytes_atomic
+from lightning_hybridcomp._lightning import declared_example_input
 from lightning_hybridcomp.profiling import count_macs
 from lightning_hybridcomp.programs import (
     check_program_bytes,
@@ -149,7 +150,7 @@ def save_artifact(
         model: the network to save.
         path: destination file, ending in ``.pt2``. Parent folders are created.
         example_inputs: one batch of inputs of the shape and dtype the model expects (any batch size);
-            defaults to the model's ``example_input_array`` (a LightningModule's) when that is a tensor.
+            defaults to the model's ``example_input_array`` (a LightningModule's) when that is a tensor or a one-item tuple.
         steps: compression steps applied to the model, recorded in the metadata.
         extra: additional JSON-able information to record.
         architecture: name to record; defaults to the model's class name.
@@ -432,17 +433,14 @@ def _check_suffix(path: str | os.PathLike[str]) -> Path:
 
 
 def default_example(model: nn.Module) -> Tensor:
-    """The model's ``example_input_array`` when it is a tensor; else a ``TypeError`` saying what to pass."""
-    example = getattr(model, "example_input_array", None)
-    if isinstance(example, Tensor):
+    """The model's ``example_input_array`` (see :func:`declared_example_input`); else a ``TypeError`` saying
+    what to pass."""
+    example = declared_example_input(model)
+    if example is not None:
         return example
-    has = (
-        "no `example_input_array`"
-        if example is None
-        else f"an `example_input_array` of type {type(example).__name__}"
-    )
     raise TypeError(
-        f"Expected `example_inputs` to be a tensor with a batch dimension: {type(model).__name__} has {has} to"
+        f"Expected `example_inputs` to be a tensor with a batch dimension: {type(model).__name__} has no"
+        " `example_input_array` to"
         " default to. Pass one batch of the inputs the model takes, e.g."
         " `save_artifact(model, path, example_inputs=torch.randn(2, 1, 16, 16))`, or set"
         " `model.example_input_array` to one."

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_hybridcomp._executorch import ExecuTorchMissingError
 from lightning_hybridcomp._io import read_checkpoint
-from lightning_hybridcomp._lightning import close_process_group, inputs_from_batch
+from lightning_hybridcomp._lightning import close_process_group, declared_example_input, inputs_from_batch
 from lightning_hybridcomp.callbacks.pruned_checkpoints import find_pruning_state
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
 from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
@@ -109,12 +109,15 @@ def print_summary(trainer: pl.Trainer, model: pl.LightningModule, datamodule: An
     ``state_dict`` as ``torch.save`` writes it.
     """
     accuracy = _test_accuracy(trainer, model, datamodule)
-    example: Any = model.example_input_array
-    if not isinstance(example, Tensor):
-        try:
+    example: Tensor | None
+    try:
+        example = declared_example_input(model)
+        if example is None:
             example = inputs_from_batch(next(iter(datamodule.test_dataloader())))
-        except RuntimeError:
-            example = None  # a batch layout the summary cannot read: report accuracy alone
+    except (TypeError, RuntimeError):
+        example = (
+            None  # a forward of several inputs, or a batch layout the summary cannot read: accuracy alone
+        )
     row: dict[str, Any] = {"model": type(model).__name__, "test accuracy": accuracy}
     if example is not None:
         profile = profile_model(model, example.to(model.device))

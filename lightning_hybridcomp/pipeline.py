@@ -35,6 +35,7 @@ from lightning_hybridcomp._io import UnreadableCheckpointError, atomic_path, rea
 from lightning_hybridcomp._lightning import (
     PhaseProgress,
     completed_epochs,
+    declared_example_input,
     inputs_from_batch,
     labels_from_batch,
 )
@@ -183,8 +184,8 @@ class Pipeline:
         return self._datamodule
 
     def _example_inputs(self, model: nn.Module | None = None) -> Tensor:
-        example = getattr(model, "example_input_array", None)
-        if isinstance(example, Tensor):
+        example = declared_example_input(model) if model is not None else None
+        if example is not None:
             return example[:1].detach().cpu()
         batch = next(iter(self.datamodule.val_dataloader()))
         return inputs_from_batch(batch)[:1].detach().cpu()

@@ -17,7 +17,13 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_hybridcomp._io import read_checkpoint
-from lightning_hybridcomp._lightning import device_of, init_arguments, make_example, resolve_module
+from lightning_hybridcomp._lightning import (
+    device_of,
+    init_arguments,
+    make_example,
+    required_init_parameters,
+    resolve_module,
+)
 from lightning_hybridcomp.callbacks._pruning_utils import (
     APPLIED_HISTORY_ATTR,
     PruningRecord,
@@ -124,8 +130,9 @@ def load_pruned_model(
 
     Args:
         checkpoint_path: a Lightning checkpoint written by a Trainer that had ``StructuredPruning``.
-        module: the LightningModule class (built as ``cls(**checkpoint["hyper_parameters"])``, so it must
-            call ``save_hyperparameters()``), or a freshly constructed instance of the original architecture.
+        module: the LightningModule class (built as ``cls(**checkpoint["hyper_parameters"])``, as Lightning's
+            ``load_from_checkpoint`` builds it: a class with ``__init__`` arguments must call
+            ``save_hyperparameters()``), or a freshly constructed instance of the original architecture.
         map_location: where to load the tensors.
 
     Returns:
@@ -133,7 +140,8 @@ def load_pruned_model(
 
     Raises:
         ValueError: if the file is missing, unreadable with ``weights_only=True`` or corrupt; if it carries no
-            StructuredPruning state; if a class is given but the checkpoint has no hyper-parameters; or if it
+            StructuredPruning state; if a class with required ``__init__`` arguments is given but the checkpoint has
+            no hyper-parameters; or if it
             was written for another architecture (its records or weights do not fit ``module``).
         TypeError: if ``module`` is neither an ``nn.Module`` instance nor a LightningModule class.
 
@@ -176,10 +184,14 @@ def pruned_model_from_checkpoint(
                 f"Expected `module` to be a LightningModule class or an instance, got class {module.__name__}."
             )
         hparams = checkpoint.get("hyper_parameters")
-        if hparams is None:
+        required = required_init_parameters(module)
+        if hparams is None and required:
+            # Lightning writes no hyper-parameters for a module without __init__ arguments; one that has
+            # arguments without defaults cannot be built from the checkpoint alone.
             raise ValueError(
-                f"Expected the checkpoint to hold `hyper_parameters` to construct {module.__name__}, found none: call"
-                " `self.save_hyperparameters()` in its __init__, or pass a constructed instance as `module`."
+                f"Expected the checkpoint to hold `hyper_parameters` to construct {module.__name__}, which requires"
+                f" {required}, found none: call `self.save_hyperparameters()` in its __init__, or pass a"
+                " constructed instance as `module`."
             )
         model: nn.Module = module(**init_arguments(hparams))
     elif isinstance(module, nn.Module):

@@ -636,6 +636,47 @@ def test_batch_layout_without_inputs_raises(tmp_path: Path) -> None:
     assert pruning.steps_done == 1
 
 
+@pytest.mark.parametrize("callback", ["pruning", "qat"])
+def test_example_input_array_of_several_inputs_is_refused_before_training(
+    tmp_path: Path, callback: str
+) -> None:
+    from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+
+    def make() -> pl.Callback:
+        if callback == "pruning":
+            return StructuredPruning(iterative_steps=1)
+        return QuantizationAwareTraining(start_epoch=0, convert_on_fit_end=False)
+
+    class TwoInputs(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = (torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            raise AssertionError("training started")
+
+    with pytest.raises(
+        TypeError, match=r"`TwoInputs.example_input_array` to be one input tensor, got a tuple of 2"
+    ):
+        _trainer(tmp_path, [make()], max_epochs=2, limit_train_batches=1).fit(TwoInputs())
+
+    # A one-item tuple is that input: the run is the run of the tensor.
+    class OneItemTuple(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = (torch.zeros(1, 1, 16, 16),)
+
+    runs = []
+    for model in (OneItemTuple(), Classifier()):
+        torch.manual_seed(0)
+        model.load_state_dict(Classifier().state_dict())
+        _trainer(tmp_path, [make()], max_epochs=2, limit_train_batches=1).fit(model)
+        runs.append(model)
+    assert _shapes(runs[0]) == _shapes(runs[1])
+    x = torch.randn(3, 1, 16, 16)
+    assert torch.equal(runs[0].eval()(x), runs[1].eval()(x))
+
+
 def test_taylor_without_training_gradients_raises(tmp_path: Path) -> None:
     class NoSteps(Classifier):
         def __init__(self) -> None:
@@ -685,9 +726,19 @@ def test_load_pruned_model_bad_input(tmp_path: Path) -> None:
     )
     trainer.fit(NoHparams())
     path = trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="hold `hyper_parameters`"):
-        load_pruned_model(path, NoHparams)
-    assert _shapes(load_pruned_model(path, NoHparams())) != _shapes(Classifier())
+    # Without hyper-parameters a class is built from its defaults, as `load_from_checkpoint` builds it; one
+    # with a required argument cannot be built from the checkpoint.
+    from_defaults = load_pruned_model(path, NoHparams)
+    assert _shapes(from_defaults) == _shapes(load_pruned_model(path, NoHparams())) != _shapes(Classifier())
+
+    class NeedsWidth(NoHparams):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+
+    with pytest.raises(
+        ValueError, match=r"hold `hyper_parameters` to construct NeedsWidth, which requires \['width'\]"
+    ):
+        load_pruned_model(path, NeedsWidth)
     with pytest.raises(TypeError, match="LightningModule class or an instance"):
         load_pruned_model(path, nn.Linear)
     with pytest.raises(TypeError, match=r"LightningModule class or an nn\.Module"):
