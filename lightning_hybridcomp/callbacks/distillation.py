@@ -7,6 +7,7 @@ what the labels do not: which wrong classes are close.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,23 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def forward_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The input tensor of a forward call: its first positional argument, or its one tensor keyword argument.
+
+    Example::
+
+        >>> x = torch.zeros(2, 3)
+        >>> forward_input((x,), {}) is x, forward_input((), {"image": x, "mask": None}) is x
+        (True, True)
+        >>> forward_input((), {"a": x, "b": x}) is None
+        True
+    """
+    if args:
+        return args[0] if isinstance(args[0], Tensor) else None
+    tensors = [value for value in kwargs.values() if isinstance(value, Tensor)]
+    return tensors[0] if len(tensors) == 1 else None
 
 
 class KnowledgeDistillation(Callback):
@@ -138,7 +156,7 @@ class KnowledgeDistillation(Callback):
 
         # An instance attribute: Lightning (and DDP's wrapper) look `training_step` up on the module.
         pl_module.training_step = training_step  # type: ignore[method-assign]
-        self._hook = pl_module.register_forward_hook(self._capture)
+        self._hook = pl_module.register_forward_hook(self._capture, with_kwargs=True)
         self._wrapped = pl_module
 
     def _uninstall(self) -> None:
@@ -149,9 +167,12 @@ class KnowledgeDistillation(Callback):
             self._wrapped.__dict__.pop("training_step", None)
             self._wrapped = None
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._captured is not None and args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-            self._captured.append((args[0], output))
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._captured is None or not isinstance(output, Tensor):
+            return
+        inputs = forward_input(args, kwargs)
+        if inputs is not None:
+            self._captured.append((inputs, output))
 
     def _mix(self, pl_module: pl.LightningModule, out: Any, captured: list[tuple[Tensor, Tensor]]) -> Any:
         loss = out.get("loss") if isinstance(out, dict) else out
@@ -160,7 +181,9 @@ class KnowledgeDistillation(Callback):
         if not captured:
             raise ValueError(
                 f"KnowledgeDistillation: {type(pl_module).__name__}.training_step called no forward of the"
-                " module, so there are no student logits to distill into; compute the logits with `self(x)`."
+                " module with one input tensor (positional, or a single tensor keyword such as"
+                " `self(image=x)`) that returned a tensor, so there are no student logits to distill into;"
+                " compute the logits with `self(x)`."
             )
         terms = []
         for inputs, student in captured:

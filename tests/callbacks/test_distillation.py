@@ -43,7 +43,13 @@ class Student(ClassifierSteps):
         self.net = nn.Linear(SHAPE[0], 3)
         self.returns = returns
 
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        return self.net(x) * scale
+
     def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.returns == "keyword":  # a forward called with keyword arguments only
+            x, y = batch
+            return F.cross_entropy(self(x=x, scale=1.0), y)
         loss = super().training_step(batch, batch_idx)
         return {"loss": loss, "kept": 1} if self.returns == "dict" else loss
 
@@ -55,7 +61,7 @@ def _one_batch() -> DataLoader:
     return DataLoader(random_classification_data(16, SHAPE, num_classes=3), batch_size=16)
 
 
-@pytest.mark.parametrize("returns", ["tensor", "dict"])
+@pytest.mark.parametrize("returns", ["tensor", "dict", "keyword"])
 def test_one_step_follows_the_gradient_of_the_mixed_loss(returns) -> None:
     torch.manual_seed(0)
     student, teacher = Student(returns), nn.Linear(SHAPE[0], 3)
