@@ -6,6 +6,7 @@ expected and what to change, before anything is quantized or trained.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -149,8 +150,27 @@ def check_start(
             f" (epoch {start}); fake quantization waits and starts at epoch {start}, after pruning."
         )
     if stage == "float":
-        check_start_before_end(trainer, start)
+        if start_step is None:
+            check_start_before_end(trainer, start)
+        else:
+            check_step_before_end(trainer, start_step)
     return warned
+
+
+def check_step_before_end(trainer: pl.Trainer, start_step: int) -> None:
+    """Refuse a ``start_step`` at or after the fit's last step, as ``estimated_stepping_batches`` counts it.
+
+    Run at ``on_train_start``, once the training dataloader's length is known (``max_steps`` is checked at
+    ``setup``); a dataloader of unknown length is not checked.
+    """
+    total = trainer.estimated_stepping_batches
+    if math.isfinite(total) and start_step >= total:
+        raise ValueError(
+            f"Expected `start_step` to be below the fit's {int(total)} optimizer steps (max_epochs="
+            f"{trainer.max_epochs} of {trainer.num_training_batches} batches, accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}), got {start_step}: fake quantization would never start. Lower"
+            " start_step or train longer."
+        )
 
 
 def check_start_before_end(trainer: pl.Trainer, start: int) -> None:

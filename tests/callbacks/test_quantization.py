@@ -665,6 +665,25 @@ def test_start_step_beyond_max_steps(digits: DigitsDataModule, tmp_path: Path) -
     with pytest.raises(ValueError, match=r"Expected `start_step` to be below `max_steps`=2, got 5"):
         _fit(DigitsCNN(width=4), [QuantizationAwareTraining(start_step=5)], tmp_path, digits, max_steps=2)
 
+    # Without max_steps, the fit's length in steps is known once the dataloader is: refused before the first
+    # batch, not warned about after training.
+    class NoTraining(DigitsCNN):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            raise AssertionError("training started")
+
+    with pytest.raises(ValueError, match=r"`start_step` to be below the fit's 2 optimizer steps .* got 2"):
+        _fit(NoTraining(width=4), [QuantizationAwareTraining(start_step=2)], tmp_path, digits)
+    with pytest.raises(
+        ValueError, match=r"below the fit's 1 optimizer steps .*accumulate_grad_batches=2\), got 1"
+    ):
+        _fit(
+            NoTraining(width=4),
+            [QuantizationAwareTraining(start_step=1)],
+            tmp_path,
+            digits,
+            accumulate_grad_batches=2,
+        )
+
 
 class _FakePruning(Callback):
     """A user's own structural callback (the StructuralCompression contract) whose last step falls late."""
