@@ -42,12 +42,36 @@ _DEFAULT_MODEL = "lightning_hybridcomp.models.ImageClassifier"
 _DEFAULT_DATA = "lightning_hybridcomp.data.DigitsDataModule"
 
 
+#: What ``hybridcomp --help`` says the tool is.
+DESCRIPTION = (
+    "Hybrid compression of Lightning models: LightningCLI's subcommands with the package's callbacks, the"
+    " resumable compression pipeline, and ExecuTorch export."
+)
+
+#: The subcommands of ``hybridcomp`` besides LightningCLI's, with their one-line descriptions.
+OWN_SUBCOMMANDS = {
+    "pipeline": "Baseline -> compressed experts -> Mixture of Experts -> report, resumable from disk.",
+    "export": "Lower a compressed model to an ExecuTorch .pte program on XNNPACK (needs the edge extra).",
+}
+
+
 class HybridCompCLI(LightningCLI):
     """LightningCLI with the package's defaults and a compression summary after ``fit``.
 
     After ``fit`` (and unless ``--summary false``), the fitted model is tested when it has a
     ``test_step`` and one table is printed: test accuracy, parameters, MACs per sample and saved bytes.
     """
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `main` runs `pipeline` and `export` before LightningCLI parses anything; listed here, they appear in
+        # `hybridcomp --help` and in the choices of a mistyped subcommand.
+        subcommands = parser._subcommands_action
+        if subcommands is not None:
+            for name, description in OWN_SUBCOMMANDS.items():
+                subcommands.add_subcommand(
+                    name, LightningArgumentParser(description=description), help=description
+                )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--summary", type=bool, default=True, help="Test and print a summary after fit.")
@@ -303,7 +327,7 @@ def _pipeline_main(args: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="hybridcomp pipeline",
-        description="Baseline -> compressed experts -> Mixture of Experts -> report, resumable from disk.",
+        description=OWN_SUBCOMMANDS["pipeline"],
     )
     parser.add_argument("--config", help="pipeline YAML; without it the embedded default runs")
     parser.add_argument("--run_dir", help="where everything is written (overrides the config's run_dir)")
@@ -346,7 +370,7 @@ def _export_main(args: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="hybridcomp export",
-        description="Lower a compressed model to an ExecuTorch .pte program on XNNPACK (needs the edge extra).",
+        description=OWN_SUBCOMMANDS["export"],
     )
     parser.add_argument("source", help="a '.pt2' artifact, an ImageClassifier checkpoint or a MoE checkpoint")
     parser.add_argument("path", help="the '.pte' to write; its side-car goes to '<path>.json'")
@@ -401,6 +425,7 @@ def main(args: list[str] | None = None) -> None:
                 args=args,
                 trainer_defaults={"default_root_dir": "runs"},
                 save_config_kwargs={"overwrite": True},
+                parser_kwargs={"description": DESCRIPTION},
             )
     except (ValueError, TypeError, PipelineError, ExecuTorchMissingError) as err:
         message = error_message(err)

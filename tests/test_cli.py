@@ -149,3 +149,22 @@ def test_pipeline_unknown_key_is_one_clear_line(tmp_path) -> None:
         "hybridcomp: error: Unknown key(s) ['prune'] in `experts[0]`. Valid keys: ['name'," in result.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_help_and_a_mistyped_subcommand_list_every_subcommand(tmp_path, monkeypatch, capsys) -> None:
+    from lightning_hybridcomp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert "{fit,validate,test,predict,pipeline,export}" in printed
+    assert "resumable from disk" in printed and "ExecuTorch .pte program" in printed
+    with pytest.raises(SystemExit) as stop:
+        main(["pipelin"])
+    assert stop.value.code == 2
+    assert "'pipelin' (choose from 'fit', 'validate', 'test', 'predict', 'pipeline', 'export')" in (
+        capsys.readouterr().err
+    )
+    assert not any(tmp_path.iterdir())  # nothing ran
