@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_hybridcomp._graph_passes import NondeterministicProgramError
 from lightning_hybridcomp._lightning import copy_network, device_of, peek_training_inputs
 from lightning_hybridcomp.callbacks._qat_hosting import HostedNetwork
 from lightning_hybridcomp.callbacks.contracts import StructuralCompression
@@ -61,7 +62,7 @@ def _try_prepare(
     backend.check(network)
     try:
         backend.prepare(network, example)
-    except ExportError:
+    except (ExportError, NondeterministicProgramError):
         raise  # already the package's message, with torch.export's reason and a hint
     except Exception as err:  # export and torchao raise anything from UserError to AssertionError
         reason = " ".join(str(err).split())[:400] or "no message"

@@ -114,6 +114,10 @@ class PT2EBackend(QuantizationBackend):
         # With `fold_batch_norm`, BatchNorm is traced at inference too and folded into its convolution now.
         with training_mode(network, False) if fold_batch_norm else inference_mode_except_batch_norm(network):
             program = export_with_dynamic_batch(network, example)
+        # A random op left in this trace is called unconditionally (`F.dropout(x, p)` without `training=`):
+        # the mode switch of the prepared graph would turn it off at inference, so that the int8 program
+        # would not compute what the float network does.
+        check_deterministic(program, f"{type(network).__name__}, traced at inference for fake quantization,")
         graph = program.module()
         if fold_batch_norm:
             _fuse_conv_bn_(graph)

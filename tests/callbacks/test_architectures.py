@@ -128,13 +128,21 @@ def test_attention_without_dropout_is_deterministic() -> None:
     assert any("scaled_dot_product_attention" in op for op in trained)
 
 
-def test_save_artifact_refuses_a_forward_that_always_draws_random_numbers(tmp_path: Path) -> None:
-    class AlwaysDropout(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            return F.dropout(x, 0.5)  # training=True whatever the mode
+class AlwaysDropout(nn.Module):
+    """A forward that draws random numbers in every mode: ``F.dropout`` without ``training=self.training``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.dropout(self.conv(x), 0.5).mean((2, 3)))  # training=True whatever the mode
+
+
+def test_save_artifact_refuses_a_forward_that_always_draws_random_numbers(tmp_path: Path) -> None:
     with pytest.raises(NondeterministicProgramError, match=r"draws random numbers \(aten.dropout"):
-        save_artifact(AlwaysDropout(), tmp_path / "net.pt2", torch.randn(2, 4))
+        save_artifact(AlwaysDropout(), tmp_path / "net.pt2", torch.randn(2, 3, IMAGE, IMAGE))
     assert not (tmp_path / "net.pt2").exists()
 
 
@@ -221,6 +229,11 @@ class DataDependent(nn.Module):
             DataDependent,
             r"Could not export DataDependent with `torch.export`.*GuardOnDataDependent.*Hint:",
             id="not_exportable",
+        ),
+        pytest.param(
+            AlwaysDropout,
+            r"AlwaysDropout, traced at inference for fake quantization, draws random numbers \(aten.dropout",
+            id="unconditional_dropout",
         ),
     ],
 )
