@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -395,6 +396,15 @@ def required_init_parameters(cls: type) -> list[str]:
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind not in variadic]
+
+
+def network_built_later(pl_module: pl.LightningModule) -> bool:
+    """Whether the module overrides ``configure_model``, where it may build its network.
+
+    Lightning calls that hook after every ``setup`` and before it restores a checkpoint, so callbacks
+    resolve layer names of such a module at ``on_fit_start`` (or when the checkpoint is restored) instead.
+    """
+    return is_overridden("configure_model", pl_module)
 
 
 def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:

@@ -25,6 +25,7 @@ from lightning_hybridcomp._lightning import (
     example_inputs,
     forward_network,
     match_names,
+    network_built_later,
     peek_training_inputs,
     reset_monitors,
     resolve_module,
@@ -288,24 +289,34 @@ class StructuredPruning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, stage)
-        network = self._resolve_network(pl_module)
-        candidates = self._names_inside(pl_module, network)
-        self._ignored_names = match_names(
-            candidates, self.ignored_layers, arg_name="ignored_layers", what="a layer of the pruned network"
-        )
         self._schedule = [
             self.start_epoch + i * self.epochs_between_steps for i in range(self.iterative_steps)
         ]
         self._logged_epoch = -1
         if stage == "fit":
-            self._check_example_source(pl_module, network)
             check_schedule(
                 trainer,
                 self._schedule,
                 start_epoch=self.start_epoch,
                 epochs_between_steps=self.epochs_between_steps,
             )
+        if not network_built_later(pl_module):
+            self._check_network(pl_module, fitting=stage == "fit")
         self.restore_structure_(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_network(pl_module, fitting=True)  # again: a network `configure_model` built is there now
+
+    def _check_network(self, pl_module: pl.LightningModule, *, fitting: bool) -> None:
+        """Resolve ``network`` and ``ignored_layers`` in the module as it is now."""
+        network = self._resolve_network(pl_module)
+        candidates = self._names_inside(pl_module, network)
+        self._ignored_names = match_names(
+            candidates, self.ignored_layers, arg_name="ignored_layers", what="a layer of the pruned network"
+        )
+        if fitting:
+            self._check_example_source(pl_module, network)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -24,6 +24,7 @@ from lightning_hybridcomp._lightning import (
     broadcast_tensors_,
     device_of,
     make_example,
+    network_built_later,
     refuse_spawning_strategy,
     training_mode,
 )
@@ -245,24 +246,33 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_spawning_strategy(trainer, stage, "float model, which cannot hold the quantized structure")
         self._pl_module = pl_module
-        self._network.resolve_(pl_module, self.module)
-        network = self._network.current(pl_module)
         if stage == TrainerFn.FITTING:
-            check_example_source(
-                pl_module,
-                network,
-                network_name=self._network.name,
-                example_input_shape=self.example_input_shape,
-                stage=self._progress.stage,
-            )
             check_schedule(trainer, start_epoch=self.start_epoch, start_step=self.start_step)
             if self.start_step is None:
                 check_start_before_end(trainer, self._effective_start_epoch(trainer))
+        if not network_built_later(pl_module):
+            self._resolve_network(trainer, pl_module)
         # Lightning reads a checkpoint only after every setup and loads its weights right after the
         # LightningModule's `on_load_checkpoint`; the structure the weights need is built there.
         self._interceptor.install(
             pl_module, lambda checkpoint: self._restore_from_(trainer, pl_module, checkpoint)
         )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve_network(trainer, pl_module)  # a network `configure_model` built is there now
+
+    def _resolve_network(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the network to quantize in the module as it is now (once), and check what fitting it needs."""
+        self._network.resolve_(pl_module, self.module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            check_example_source(
+                pl_module,
+                self._network.current(pl_module),
+                network_name=self._network.name,
+                example_input_shape=self.example_input_shape,
+                stage=self._progress.stage,
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -516,6 +526,7 @@ class QuantizationAwareTraining(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Give ``pl_module`` the structure of ``checkpoint`` (pruned first, then QAT) before its weights load."""
+        self._network.resolve_(pl_module, self.module)
         self._revert_to_float(pl_module)
         for cb in self._pruning_callbacks(trainer):
             cb.restore_structure_(trainer, pl_module, checkpoint)

@@ -677,6 +677,42 @@ def test_example_input_array_of_several_inputs_is_refused_before_training(
     assert torch.equal(runs[0].eval()(x), runs[1].eval()(x))
 
 
+class BuiltInConfigureModel(Classifier):
+    """A module that builds its network in `configure_model`, which Lightning calls after every `setup`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None  # type: ignore[assignment]
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = build_backbone("small_cnn", NUM_CLASSES, 1, width=8)
+
+
+def test_layer_names_of_a_network_built_in_configure_model(tmp_path: Path) -> None:
+    from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
+
+    last = [n for n, m in build_backbone("small_cnn", NUM_CLASSES, 1, width=8).named_modules() if m][-1]
+    model = BuiltInConfigureModel()
+    pruning = StructuredPruning(iterative_steps=1, ignored_layers=[f"net.{last}"])
+    qat = QuantizationAwareTraining(module="net", start_epoch=1)
+    _trainer(tmp_path, [pruning, qat], max_epochs=2, limit_train_batches=1).fit(model)
+    assert pruning.steps_done == 1 and qat.stage == "converted"
+    assert [name for name, _ in model.named_children()] == ["net"]  # QAT hosted `net`, not the whole module
+
+    # A wrong name is refused before training, among the names the built network has.
+    with pytest.raises(
+        ValueError, match=r"'net\.nope' matches nothing.* look like \['net', 'net\.features',"
+    ):
+        _trainer(tmp_path, [StructuredPruning(ignored_layers=["net.nope"])], max_epochs=4).fit(
+            BuiltInConfigureModel()
+        )
+    with pytest.raises(ValueError, match=r"got 'nope'\. Top-level submodules: \['net'\]"):
+        _trainer(tmp_path, [QuantizationAwareTraining(module="nope")], max_epochs=2).fit(
+            BuiltInConfigureModel()
+        )
+
+
 def test_taylor_without_training_gradients_raises(tmp_path: Path) -> None:
     class NoSteps(Classifier):
         def __init__(self) -> None:
