@@ -27,6 +27,7 @@ from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTrainin
 from lightning_hybridcomp.data import ClassEmphasis
 from lightning_hybridcomp.moe._arguments import check_expert_classes
 from lightning_hybridcomp.moe.gate import feature_expert_index
+from lightning_hybridcomp.moe.module import MoELightningModule
 from lightning_hybridcomp.pipeline_config import PipelineConfigError, check_init_args
 
 if TYPE_CHECKING:
@@ -85,6 +86,12 @@ def _constructed(
     return make(spec)
 
 
+def _constructed_trainer(pipeline: Pipeline, *args: Any) -> pl.Trainer:
+    """``pipeline.phase_trainer(*args)`` after checking that ``Trainer`` takes every key of ``trainer``."""
+    check_init_args(pl.Trainer, pipeline.config.trainer, section="trainer")
+    return pipeline.phase_trainer(*args)
+
+
 def _set_up(callback: Callback, trainer: pl.Trainer, model: pl.LightningModule) -> None:
     callback.setup(trainer, model, "fit")
 
@@ -136,7 +143,7 @@ def _check(pipeline: Pipeline) -> _Problems:
         )
     trainer_paths = {n: f"trainer.{n}" for n in config.trainer}
     folder = pipeline.run_dir / "baseline"
-    make_trainer = pipeline.phase_trainer
+    make_trainer = partial(_constructed_trainer, pipeline)
     problems.attempt(
         partial(make_trainer, folder, "baseline", config.baseline.max_epochs, []), "trainer", trainer_paths
     )
@@ -186,8 +193,10 @@ def _check(pipeline: Pipeline) -> _Problems:
     moe = config.moe
     count = len(config.experts)
     option_paths = {n: f"moe.options.{n}" for n in moe.options} | {"top_k": "moe.top_k"}
+    unbuilt_moe = partial(pipeline.moe_module, experts=None)
     for run in moe.runs():
-        problems.attempt(partial(pipeline.moe_module, run, None), "moe.options", option_paths)
+        moe_module = partial(_constructed, MoELightningModule, moe.options, "moe.options", unbuilt_moe, run)
+        problems.attempt(moe_module, "moe.options", option_paths)
     eval_top_k: Any = moe.options.get("eval_top_k")
     if is_int(eval_top_k) and eval_top_k > count >= 2:
         problems.found.append(

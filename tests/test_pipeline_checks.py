@@ -104,9 +104,16 @@ def test_layer_names_are_checked_against_the_model(tmp_path) -> None:
             {"moe": {"options": {"eval_top_k": 3}}},
             r"^moe\.options\.eval_top_k: .*at most the number of experts",
         ),
-        ({"trainer": {"max_epoch": 3}}, r"^trainer: .*max_epoch"),
+        (
+            {"trainer": {"max_epoch": 3}},
+            r"^trainer: Unknown key\(s\) \['max_epoch'\] in `trainer`\. Valid keys: \['accelerator', .*'max_epochs'",
+        ),
+        (
+            {"moe": {"options": {"balance_coeficient": 0.1}}},
+            r"^moe\.options: Unknown key\(s\) \['balance_coeficient'\] .* Valid keys: .*'balance_coefficient'",
+        ),
     ],
-    ids=["one-expert", "eval-top-k", "trainer-typo"],
+    ids=["one-expert", "eval-top-k", "trainer-typo", "moe-option-typo"],
 )
 def test_moe_and_trainer_arguments_are_checked_without_experts(tmp_path, change, match) -> None:
     raw = {**_raw(tmp_path / "run"), **change}
