@@ -447,6 +447,10 @@ def test_save_defaults_to_the_example_input_array(tmp_path: Path) -> None:
 
 
 class _TupleExample(nn.Linear):
+    example_input_array = (torch.randn(2, 3), torch.randn(2, 3))
+
+
+class _OneItemTuple(nn.Linear):
     example_input_array = (torch.randn(2, 3),)
 
 
@@ -454,7 +458,10 @@ class _TupleExample(nn.Linear):
     ("model", "match"),
     [
         (nn.Linear(3, 2), r"Linear has no `example_input_array` to default to\. Pass one batch"),
-        (_TupleExample(3, 2), r"_TupleExample has an `example_input_array` of type tuple"),
+        (
+            _TupleExample(3, 2),
+            r"`_TupleExample\.example_input_array` to be one input tensor, got a tuple of 2",
+        ),
     ],
     ids=["none", "tuple"],
 )
@@ -462,6 +469,14 @@ def test_save_without_example_inputs_says_what_to_pass(tmp_path: Path, model: nn
     with pytest.raises(TypeError, match=match):
         save_artifact(model, tmp_path / "a.pt2")
     assert not (tmp_path / "a.pt2").exists()
+
+
+def test_a_one_item_tuple_example_is_its_tensor(tmp_path: Path) -> None:
+    model = _OneItemTuple(3, 2)
+    meta = save_artifact(model, tmp_path / "a.pt2")
+    assert tuple(meta.input_shape) == (3,)
+    x = torch.randn(4, 3)
+    assert torch.equal(load_artifact(tmp_path / "a.pt2").module(x), model(x))
 
 
 def test_artifact_files_end_in_pt2(models: SimpleNamespace, tmp_path: Path) -> None:
