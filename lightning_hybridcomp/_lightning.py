@@ -228,7 +228,7 @@ def example_from_batch(batch: Any) -> Tensor:
 def declared_example_input(module: nn.Module) -> Tensor | None:
     """A module's ``example_input_array`` as the one input tensor the package traces networks with.
 
-    A one-item tuple or list is unwrapped. ``None`` when the module declares none.
+    A one-item tuple, list or mapping is unwrapped. ``None`` when the module declares none.
 
     Raises:
         TypeError: if it declares several inputs (a tuple, list or mapping for a ``forward`` with more than one
@@ -237,6 +237,8 @@ def declared_example_input(module: nn.Module) -> Tensor | None:
     declared = getattr(module, "example_input_array", None)
     if isinstance(declared, (tuple, list)) and len(declared) == 1:
         declared = declared[0]
+    elif isinstance(declared, Mapping) and len(declared) == 1:
+        declared = next(iter(declared.values()))
     if declared is None or isinstance(declared, Tensor):
         return declared
     what = (
@@ -247,7 +249,8 @@ def declared_example_input(module: nn.Module) -> Tensor | None:
     raise TypeError(
         f"Expected `{type(module).__name__}.example_input_array` to be one input tensor, got {what}. The"
         " package's callbacks trace, prune and quantize networks whose forward takes one image tensor; wrap a"
-        " network with several inputs so that it takes one, or set `example_input_array` to that tensor."
+        " network with several inputs so that it takes one, set `example_input_array` to that tensor, or pass"
+        " the callback `example_input_shape=[...]`."
     )
 
 
@@ -398,13 +401,18 @@ def required_init_parameters(cls: type) -> list[str]:
     return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind not in variadic]
 
 
-def network_built_later(pl_module: pl.LightningModule) -> bool:
-    """Whether the module overrides ``configure_model``, where it may build its network.
+#: The LightningModule hooks where a module may build its network after the callbacks' ``setup``.
+_LATE_BUILD_HOOKS = ("setup", "configure_model", "configure_sharded_model")
 
-    Lightning calls that hook after every ``setup`` and before it restores a checkpoint, so callbacks
-    resolve layer names of such a module at ``on_fit_start`` (or when the checkpoint is restored) instead.
+
+def network_built_later(pl_module: pl.LightningModule) -> bool:
+    """Whether the module overrides a hook that may build its network after the callbacks' ``setup``.
+
+    Lightning calls the module's own ``setup``, then ``configure_model``, after every callback's ``setup``
+    and before it restores a checkpoint, so callbacks resolve layer names of such a module at
+    ``on_fit_start`` (or when the checkpoint is restored) instead.
     """
-    return is_overridden("configure_model", pl_module)
+    return any(is_overridden(hook, pl_module) for hook in _LATE_BUILD_HOOKS)
 
 
 def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:

@@ -157,7 +157,7 @@ def save_artifact(
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``example_inputs`` not a tensor (or not given
-            for a model without a tensor ``example_input_array``), or ``extra`` not JSON-able.
+            for a model without an ``example_input_array`` of one tensor), or ``extra`` not JSON-able.
         ValueError: if ``path`` does not end in ``.pt2``; if the model cannot be exported, with
             ``torch.export``'s reason.
             A ``NondeterministicProgramError`` (a ``ValueError``) if the exported program still draws

@@ -400,6 +400,23 @@ def _export_main(args: list[str]) -> None:
     print(format_table([row], title="hybridcomp export"))
 
 
+def _refuse_options_before_own_subcommand(argv: list[str]) -> None:
+    """Refuse ``hybridcomp -c FILE pipeline ...``: options before ``pipeline``/``export`` are LightningCLI's.
+
+    The subcommand is the first argument after LightningCLI's own top-level options (``-c``/``--config``
+    with its value, ``--print_config[=flags]``, ``-h``).
+    """
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in ("-c", "--config") else 1
+    if 0 < i < len(argv) and argv[i] in OWN_SUBCOMMANDS:
+        raise ValueError(
+            f"Expected `{argv[i]}` first, got {argv[:i]} before it: those options are LightningCLI's, for"
+            f" fit/validate/test/predict. Put `{argv[i]}`'s options after it, e.g."
+            f" `hybridcomp {argv[i]} --help`."
+        )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``hybridcomp`` console script.
 
@@ -412,6 +429,7 @@ def main(args: list[str] | None = None) -> None:
     """
     argv = list(sys.argv[1:] if args is None else args)
     try:
+        _refuse_options_before_own_subcommand(argv)
         if argv[:1] == ["pipeline"]:
             _pipeline_main(argv[1:])
         elif argv[:1] == ["export"]:

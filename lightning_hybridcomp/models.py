@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_hybridcomp._lightning import inputs_from_batch, labels_from_batch
+
 __all__ = ["CifarResNet", "ImageClassifier", "SmallCNN", "build_backbone", "list_backbones"]
 
 _CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9, "resnet110": 18}
@@ -282,7 +284,7 @@ class ImageClassifier(pl.LightningModule):
         return self.net(x)
 
     def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
-        x, y = batch[0], batch[1]
+        x, y = inputs_from_batch(batch), labels_from_batch(batch)
         logits = self(x)
         loss = F.cross_entropy(
             logits, y, label_smoothing=float(self.hparams["label_smoothing"]) if stage == "train" else 0.0
@@ -302,8 +304,7 @@ class ImageClassifier(pl.LightningModule):
         self._shared_step(batch, "test", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(dim=-1)
+        return self(inputs_from_batch(batch)).softmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
         hp: Any = self.hparams

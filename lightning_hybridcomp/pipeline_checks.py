@@ -86,12 +86,6 @@ def _constructed(
     return make(spec)
 
 
-def _constructed_trainer(pipeline: Pipeline, *args: Any) -> pl.Trainer:
-    """``pipeline.phase_trainer(*args)`` after checking that ``Trainer`` takes every key of ``trainer``."""
-    check_init_args(pl.Trainer, pipeline.config.trainer, section="trainer")
-    return pipeline.phase_trainer(*args)
-
-
 def _set_up(callback: Callback, trainer: pl.Trainer, model: pl.LightningModule) -> None:
     callback.setup(trainer, model, "fit")
 
@@ -143,7 +137,10 @@ def _check(pipeline: Pipeline) -> _Problems:
         )
     trainer_paths = {n: f"trainer.{n}" for n in config.trainer}
     folder = pipeline.run_dir / "baseline"
-    make_trainer = partial(_constructed_trainer, pipeline)
+
+    def make_trainer(*args: Any) -> pl.Trainer:
+        return _constructed(pl.Trainer, config.trainer, "trainer", lambda a: pipeline.phase_trainer(*a), args)
+
     problems.attempt(
         partial(make_trainer, folder, "baseline", config.baseline.max_epochs, []), "trainer", trainer_paths
     )

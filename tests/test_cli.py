@@ -167,4 +167,10 @@ def test_help_and_a_mistyped_subcommand_list_every_subcommand(tmp_path, monkeypa
     assert "'pipelin' (choose from 'fit', 'validate', 'test', 'predict', 'pipeline', 'export')" in (
         capsys.readouterr().err
     )
-    assert not any(tmp_path.iterdir())  # nothing ran
+    # LightningCLI's top-level options before `pipeline`/`export` would hand them to LightningCLI.
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["-c", str(tmp_path / "empty.yaml"), "pipeline"])
+    assert stop.value.code == 2
+    assert "Expected `pipeline` first, got ['-c', " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]  # nothing ran

@@ -161,10 +161,13 @@ def check_step_before_end(trainer: pl.Trainer, start_step: int) -> None:
     """Refuse a ``start_step`` at or after the fit's last step, as ``estimated_stepping_batches`` counts it.
 
     Run at ``on_train_start``, once the training dataloader's length is known (``max_steps`` is checked at
-    ``setup``); a dataloader of unknown length is not checked.
+    ``setup``). Not checked: a dataloader of unknown length (Lightning then estimates ``max_steps``, -1 when
+    unbounded), and manual optimization, whose ``global_step`` counts optimizer steps, not batches.
     """
+    if not trainer.lightning_module.automatic_optimization or not math.isfinite(trainer.num_training_batches):
+        return
     total = trainer.estimated_stepping_batches
-    if math.isfinite(total) and start_step >= total:
+    if math.isfinite(total) and 0 <= total <= start_step:
         raise ValueError(
             f"Expected `start_step` to be below the fit's {int(total)} optimizer steps (max_epochs="
             f"{trainer.max_epochs} of {trainer.num_training_batches} batches, accumulate_grad_batches="

@@ -6,10 +6,11 @@ what the labels do not: which wrong classes are close.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +42,14 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+class _Call(NamedTuple):
+    """One forward call of the student: its input tensor and all its arguments."""
+
+    inputs: Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 def forward_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -111,7 +120,7 @@ class KnowledgeDistillation(Callback):
             )
         self.alpha = float(alpha)
         self.temperature = float(temperature)
-        self._captured: list[tuple[Tensor, Tensor]] | None = None
+        self._captured: list[tuple[_Call, Tensor]] | None = None
         self._hook: RemovableHandle | None = None
         self._wrapped: pl.LightningModule | None = None
 
@@ -172,9 +181,18 @@ class KnowledgeDistillation(Callback):
             return
         inputs = forward_input(args, kwargs)
         if inputs is not None:
-            self._captured.append((inputs, output))
+            self._captured.append((_Call(inputs, args, kwargs), output))
 
-    def _mix(self, pl_module: pl.LightningModule, out: Any, captured: list[tuple[Tensor, Tensor]]) -> Any:
+    def _teacher_logits(self, call: _Call) -> Any:
+        """The teacher called as the student's forward was, when its forward takes those arguments (a copy of
+        the student's module), else on the input tensor alone (a network or a ``.pt2`` program)."""
+        try:
+            inspect.signature(self.teacher.forward).bind(*call.args, **call.kwargs)
+        except (TypeError, ValueError):
+            return self.teacher(call.inputs)
+        return self.teacher(*call.args, **call.kwargs)
+
+    def _mix(self, pl_module: pl.LightningModule, out: Any, captured: list[tuple[_Call, Tensor]]) -> Any:
         loss = out.get("loss") if isinstance(out, dict) else out
         if not isinstance(loss, Tensor):
             return out  # a skipped step (None): nothing to mix into
@@ -186,9 +204,9 @@ class KnowledgeDistillation(Callback):
                 " compute the logits with `self(x)`."
             )
         terms = []
-        for inputs, student in captured:
+        for call, student in captured:
             with torch.no_grad():
-                teacher = self.teacher(inputs)
+                teacher = self._teacher_logits(call)
             if not isinstance(teacher, Tensor) or teacher.shape != student.shape:
                 got = tuple(teacher.shape) if isinstance(teacher, Tensor) else type(teacher).__name__
                 raise ValueError(

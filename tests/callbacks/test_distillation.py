@@ -144,3 +144,28 @@ def test_modules_it_cannot_distill_into_are_named(student, teacher_classes, erro
     with pytest.raises(error, match=match):
         fast_trainer(max_steps=1, callbacks=[callback]).fit(module, _one_batch())
     assert "training_step" not in module.__dict__
+
+
+class KeywordOnly(Student):
+    def forward(self, *, image: Tensor, scale: float = 1.0) -> Tensor:  # type: ignore[override]
+        return self.net(image) * scale
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(image=x, scale=2.0), y)
+
+
+def test_a_teacher_that_takes_the_students_arguments_is_called_with_them() -> None:
+    torch.manual_seed(0)
+    student = KeywordOnly()
+    teacher = copy.deepcopy(student)
+    torch.nn.init.normal_(teacher.net.weight)
+    x, _ = next(iter(_one_batch()))
+    with torch.no_grad():
+        student_logits, teacher_logits = student(image=x, scale=2.0), teacher(image=x, scale=2.0)
+    trainer = fast_trainer(max_steps=1, callbacks=[KnowledgeDistillation(teacher, 0.5, 2.0)])
+    trainer.fit(student, _one_batch())
+    torch.testing.assert_close(
+        trainer.callback_metrics["distillation/soft_target_loss"],
+        _reference_soft_target_loss(student_logits, teacher_logits, 2.0),
+    )

@@ -660,21 +660,27 @@ def test_example_input_array_of_several_inputs_is_refused_before_training(
     ):
         _trainer(tmp_path, [make()], max_epochs=2, limit_train_batches=1).fit(TwoInputs())
 
-    # A one-item tuple is that input: the run is the run of the tensor.
+    # A one-item tuple or mapping is that input: the run is the run of the tensor.
     class OneItemTuple(Classifier):
         def __init__(self) -> None:
             super().__init__()
             self.example_input_array = (torch.zeros(1, 1, 16, 16),)
 
+    class OneKeyMapping(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = {"x": torch.zeros(1, 1, 16, 16)}
+
     runs = []
-    for model in (OneItemTuple(), Classifier()):
+    for model in (OneItemTuple(), OneKeyMapping(), Classifier()):
         torch.manual_seed(0)
         model.load_state_dict(Classifier().state_dict())
         _trainer(tmp_path, [make()], max_epochs=2, limit_train_batches=1).fit(model)
         runs.append(model)
-    assert _shapes(runs[0]) == _shapes(runs[1])
     x = torch.randn(3, 1, 16, 16)
-    assert torch.equal(runs[0].eval()(x), runs[1].eval()(x))
+    for run in runs[:2]:
+        assert _shapes(run) == _shapes(runs[2])
+        assert torch.equal(run.eval()(x), runs[2].eval()(x))
 
 
 class BuiltInConfigureModel(Classifier):
@@ -689,11 +695,24 @@ class BuiltInConfigureModel(Classifier):
             self.net = build_backbone("small_cnn", NUM_CLASSES, 1, width=8)
 
 
-def test_layer_names_of_a_network_built_in_configure_model(tmp_path: Path) -> None:
+class BuiltInSetup(Classifier):
+    """A module that builds its network in its own `setup`, which Lightning calls after the callbacks'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None  # type: ignore[assignment]
+
+    def setup(self, stage: str) -> None:
+        if self.net is None:
+            self.net = build_backbone("small_cnn", NUM_CLASSES, 1, width=8)
+
+
+@pytest.mark.parametrize("built_in", [BuiltInConfigureModel, BuiltInSetup], ids=["configure_model", "setup"])
+def test_layer_names_of_a_network_built_after_the_callbacks_setup(tmp_path: Path, built_in: type) -> None:
     from lightning_hybridcomp.callbacks.quantization import QuantizationAwareTraining
 
     last = [n for n, m in build_backbone("small_cnn", NUM_CLASSES, 1, width=8).named_modules() if m][-1]
-    model = BuiltInConfigureModel()
+    model = built_in()
     pruning = StructuredPruning(iterative_steps=1, ignored_layers=[f"net.{last}"])
     qat = QuantizationAwareTraining(module="net", start_epoch=1)
     _trainer(tmp_path, [pruning, qat], max_epochs=2, limit_train_batches=1).fit(model)
@@ -704,9 +723,7 @@ def test_layer_names_of_a_network_built_in_configure_model(tmp_path: Path) -> No
     with pytest.raises(
         ValueError, match=r"'net\.nope' matches nothing.* look like \['net', 'net\.features',"
     ):
-        _trainer(tmp_path, [StructuredPruning(ignored_layers=["net.nope"])], max_epochs=4).fit(
-            BuiltInConfigureModel()
-        )
+        _trainer(tmp_path, [StructuredPruning(ignored_layers=["net.nope"])], max_epochs=4).fit(built_in())
     with pytest.raises(ValueError, match=r"got 'nope'\. Top-level submodules: \['net'\]"):
         _trainer(tmp_path, [QuantizationAwareTraining(module="nope")], max_epochs=2).fit(
             BuiltInConfigureModel()

@@ -673,6 +673,16 @@ def test_start_step_beyond_max_steps(digits: DigitsDataModule, tmp_path: Path) -
 
     with pytest.raises(ValueError, match=r"`start_step` to be below the fit's 2 optimizer steps .* got 2"):
         _fit(NoTraining(width=4), [QuantizationAwareTraining(start_step=2)], tmp_path, digits)
+
+    # A dataloader of unknown length: Lightning cannot count the steps, so the start is not refused.
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            return iter(zip(torch.randn(16, 1, IMAGE, IMAGE), torch.randint(0, 10, (16,))))
+
+    qat = QuantizationAwareTraining(start_step=1, convert_on_fit_end=False)
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=8)
+    _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[qat]).fit(DigitsCNN(width=4), stream)
+    assert qat.stage == "fake_quant"
     with pytest.raises(
         ValueError, match=r"below the fit's 1 optimizer steps .*accumulate_grad_batches=2\), got 1"
     ):
