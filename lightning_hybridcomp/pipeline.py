@@ -53,6 +53,7 @@ from lightning_hybridcomp.pipeline_config import (
     PipelineConfig,
     PipelineError,
     load_pipeline_config,
+    trainer_callbacks,
     tuned_backend,
 )
 from lightning_hybridcomp.pipeline_plan import (
@@ -209,16 +210,18 @@ class Pipeline:
         checkpoint = ModelCheckpoint(
             dirpath=str(folder / "checkpoints"), filename="last", save_top_k=1, enable_version_counter=False
         )
+        extra = dict(self.config.trainer)
+        user = trainer_callbacks(extra.pop("callbacks", []), Callback)  # built anew for every phase
         kwargs: dict[str, Any] = {
             "max_epochs": max_epochs,
-            "logger": self._loggers(label),
-            "callbacks": [*callbacks, PhaseProgress(label, self._say), checkpoint],
+            "logger": self._loggers(label) if extra.pop("logger", True) else False,
+            "callbacks": [*callbacks, *user, PhaseProgress(label, self._say), checkpoint],
             "default_root_dir": str(folder),
             "log_every_n_steps": 10,
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
         }
-        kwargs.update(self.config.trainer)
+        kwargs.update(extra)  # the configuration refuses `max_epochs` and `default_root_dir` there
         return pl.Trainer(**kwargs)
 
     def _fit(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,7 +28,12 @@ from lightning_hybridcomp.data import ClassEmphasis
 from lightning_hybridcomp.moe._arguments import check_expert_classes
 from lightning_hybridcomp.moe.gate import feature_expert_index
 from lightning_hybridcomp.moe.module import MoELightningModule
-from lightning_hybridcomp.pipeline_config import PipelineConfigError, check_init_args
+from lightning_hybridcomp.pipeline_config import (
+    PHASE_TRAINER_ARGUMENTS,
+    PIPELINE_MOE_OPTIONS,
+    PipelineConfigError,
+    check_init_args,
+)
 
 if TYPE_CHECKING:
     from lightning_hybridcomp.pipeline import Pipeline
@@ -57,12 +62,16 @@ class _Problems:
         try:
             return build()
         except _REFUSALS as err:
-            message = " ".join(str(err).split())
-            named = [paths[n] for n in _NAMED_ARGUMENT.findall(message) if paths and n in paths]
-            entry = (named[0] if named else section, message)
-            if entry not in self.found:
-                self.found.append(entry)
-                self.errors.append(err)
+            if isinstance(err, PipelineConfigError):  # a refusal that names its own paths
+                entries = err.problems
+            else:
+                message = " ".join(str(err).split())
+                named = [paths[n] for n in _NAMED_ARGUMENT.findall(message) if paths and n in paths]
+                entries = [(named[0] if named else section, message)]
+            for entry in entries:
+                if entry not in self.found:
+                    self.found.append(entry)
+                    self.errors.append(err)
             return None
 
 
@@ -80,9 +89,11 @@ def _constructed(
     section: str,
     make: Callable[[_S], _T],
     spec: _S,
+    owned: Collection[str] = (),
 ) -> _T:
-    """``make(spec)`` after checking that ``cls`` takes every key of ``arguments`` (listing the valid ones)."""
-    check_init_args(cls, arguments, section=section)
+    """``make(spec)`` after checking that ``cls`` takes every key of ``arguments`` (listing the valid ones, less
+    the ``owned`` ones the pipeline sets itself)."""
+    check_init_args(cls, arguments, section=section, owned=owned)
     return make(spec)
 
 
@@ -139,7 +150,14 @@ def _check(pipeline: Pipeline) -> _Problems:
     folder = pipeline.run_dir / "baseline"
 
     def make_trainer(*args: Any) -> pl.Trainer:
-        return _constructed(pl.Trainer, config.trainer, "trainer", lambda a: pipeline.phase_trainer(*a), args)
+        return _constructed(
+            pl.Trainer,
+            config.trainer,
+            "trainer",
+            lambda a: pipeline.phase_trainer(*a),
+            args,
+            owned=PHASE_TRAINER_ARGUMENTS,
+        )
 
     problems.attempt(
         partial(make_trainer, folder, "baseline", config.baseline.max_epochs, []), "trainer", trainer_paths
@@ -192,7 +210,15 @@ def _check(pipeline: Pipeline) -> _Problems:
     option_paths = {n: f"moe.options.{n}" for n in moe.options} | {"top_k": "moe.top_k"}
     unbuilt_moe = partial(pipeline.moe_module, experts=None)
     for run in moe.runs():
-        moe_module = partial(_constructed, MoELightningModule, moe.options, "moe.options", unbuilt_moe, run)
+        moe_module = partial(
+            _constructed,
+            MoELightningModule,
+            moe.options,
+            "moe.options",
+            unbuilt_moe,
+            run,
+            PIPELINE_MOE_OPTIONS,
+        )
         problems.attempt(moe_module, "moe.options", option_paths)
     eval_top_k: Any = moe.options.get("eval_top_k")
     if is_int(eval_top_k) and eval_top_k > count >= 2:

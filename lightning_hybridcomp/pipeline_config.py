@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+from collections.abc import Collection
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from lightning_hybridcomp._validation import is_int
 
 __all__ = [
     "MOE_VARIANTS",
+    "PHASE_TRAINER_ARGUMENTS",
+    "PIPELINE_MOE_OPTIONS",
     "BaselineConfig",
     "ComponentConfig",
     "EvaluationConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "PipelineError",
     "load_pipeline_config",
     "parse_pipeline_config",
+    "trainer_callbacks",
 ]
 
 
@@ -87,12 +91,17 @@ def import_class(class_path: str, *, section: str) -> type:
     return cls
 
 
-def check_init_args(cls: type, init_args: dict[str, Any], *, section: str) -> None:
-    """Reject keyword arguments that ``cls.__init__`` does not take, listing the ones it does."""
+def check_init_args(
+    cls: type, init_args: dict[str, Any], *, section: str, owned: Collection[str] = ()
+) -> None:
+    """Reject keyword arguments that ``cls.__init__`` does not take, listing the ones it does.
+
+    ``owned`` names arguments the caller sets itself: they are left out of the list.
+    """
     params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [n for n in params if n != "self"]
+    valid = [n for n in params if n != "self" and n not in owned]
     _check_keys(section, init_args, valid)
 
 
@@ -321,6 +330,25 @@ def _default_experts() -> list[ExpertConfig]:
     ]
 
 
+#: ``Trainer`` arguments every phase sets itself, each with the reason.
+PHASE_TRAINER_ARGUMENTS = {
+    "max_epochs": "each phase trains for its own `max_epochs` (`baseline.max_epochs`, `experts[i].max_epochs`,"
+    " `moe.max_epochs`)",
+    "default_root_dir": "every phase writes into its folder under `run_dir`",
+    "enable_checkpointing": "every phase checkpoints its last epoch, so that an interrupted run resumes",
+}
+
+#: ``MoELightningModule`` arguments the MoE phases set themselves, each with the reason.
+PIPELINE_MOE_OPTIONS = {
+    "experts": "the MoE routes the run's own `experts`",
+    **dict.fromkeys(
+        ("freeze_experts", "quantize_experts"),
+        "`moe.variants` decides it ('frozen' routes the int8 experts as they are, 'tuned' fine-tunes them in"
+        " fake-quant form and converts them)",
+    ),
+}
+
+
 @dataclass
 class PipelineConfig:
     """The whole run: data, baseline, experts, MoE, evaluation.
@@ -334,7 +362,10 @@ class PipelineConfig:
         moe: phase 2.
         evaluation: phase 3.
         trainer: extra ``Trainer`` arguments for every phase (``accelerator``, ``devices``,
-            ``precision``, ``enable_progress_bar``, ``limit_train_batches``, ...).
+            ``precision``, ``enable_progress_bar``, ``limit_train_batches``, ...); ``callbacks`` are
+            ``class_path`` entries (or class paths), built anew for every phase and run after the phase's
+            own; ``logger`` is ``true`` or ``false`` (every phase logs under ``run_dir/logs``). The
+            arguments each phase sets itself (:data:`PHASE_TRAINER_ARGUMENTS`) are refused.
     """
 
     run_dir: str = "runs/pipeline"
@@ -501,6 +532,8 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
                 f" {_expert_backends(config)}.",
             )
         )
+    problems += _pipeline_owned(config.moe.options, "moe.options", PIPELINE_MOE_OPTIONS)
+    problems += _trainer_problems(config.trainer)
     sizes = config.evaluation.latency_batch_sizes
     if not isinstance(sizes, list) or any(not is_int(b) or b < 1 for b in sizes):
         problems.append(
@@ -510,6 +543,70 @@ def _problems(config: PipelineConfig) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def _pipeline_owned(given: Any, section: str, owned: dict[str, str]) -> list[tuple[str, str]]:
+    """The problems of a mapping of component arguments: not a mapping, or keys the pipeline sets itself."""
+    if not isinstance(given, dict):
+        return [(section, f"Expected `{section}` to be a mapping of arguments, got {given!r}.")]
+    key = section.rpartition(".")[2]
+    return [
+        (
+            f"{section}.{name}",
+            f"Expected no `{name}` in `{key}`: {reason}.",
+        )
+        for name, reason in owned.items()
+        if name in given
+    ]
+
+
+def _trainer_problems(trainer: Any) -> list[tuple[str, str]]:
+    """The problems of ``trainer``: the arguments a phase sets itself, ``callbacks`` and ``logger`` entries."""
+    problems = _pipeline_owned(trainer, "trainer", PHASE_TRAINER_ARGUMENTS)
+    if not isinstance(trainer, dict):
+        return problems
+    if "logger" in trainer and not isinstance(trainer["logger"], bool):
+        problems.append(
+            (
+                "trainer.logger",
+                "Expected `trainer.logger` to be true or false (every phase logs CSV and TensorBoard under"
+                f" `run_dir/logs`), got {trainer['logger']!r}.",
+            )
+        )
+    callbacks = trainer.get("callbacks", [])
+    if not isinstance(callbacks, list):
+        problems.append(
+            (
+                "trainer.callbacks",
+                "Expected `trainer.callbacks` to be a list of `class_path` entries (or class paths), got"
+                f" {callbacks!r}.",
+            )
+        )
+        return problems
+    for i, entry in enumerate(callbacks):
+        try:
+            _component(entry, f"trainer.callbacks[{i}]")
+        except ValueError as err:
+            problems.append((f"trainer.callbacks[{i}]", str(err)))
+    return problems
+
+
+def trainer_callbacks(entries: list[Any], base: type) -> list[Any]:
+    """The callbacks of ``trainer.callbacks`` (``class_path`` entries or class paths), newly built.
+
+    Each phase builds its own, so no state passes from one phase's Trainer to the next.
+
+    Raises:
+        PipelineConfigError: the first entry that cannot be built, under its YAML path.
+    """
+    built = []
+    for i, entry in enumerate(entries):
+        section = f"trainer.callbacks[{i}]"
+        try:
+            built.append(_component(entry, section).instantiate(base, section=section))
+        except (ValueError, TypeError) as err:  # TypeError: a constructor that refuses its arguments
+            raise PipelineConfigError([(section, " ".join(str(err).split()))]) from err
+    return built
 
 
 def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:

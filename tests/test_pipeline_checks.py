@@ -106,7 +106,7 @@ def test_layer_names_are_checked_against_the_model(tmp_path) -> None:
         ),
         (
             {"trainer": {"max_epoch": 3}},
-            r"^trainer: Unknown key\(s\) \['max_epoch'\] in `trainer`\. Valid keys: \['accelerator', .*'max_epochs'",
+            r"^trainer: Unknown key\(s\) \['max_epoch'\] in `trainer`\. Valid keys: \['accelerator', .*'max_steps'",
         ),
         (
             {"moe": {"options": {"balance_coeficient": 0.1}}},
@@ -216,3 +216,119 @@ def test_a_refusal_raised_in_user_code_keeps_its_traceback(tmp_path, capsys) -> 
         main(["pipeline", "--config", str(config)])  # not a SystemExit: the CLI shows the traceback
     assert isinstance(found.value.errors[0], ValueError)
     assert "hybridcomp: error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"trainer": {"max_epochs": 3}},
+            r"^trainer\.max_epochs: Expected no `max_epochs` in `trainer`: each phase trains for its own `max_epochs`",
+        ),
+        ({"trainer": {"default_root_dir": "elsewhere"}}, r"^trainer\.default_root_dir: .*under `run_dir`"),
+        (
+            {"trainer": {"enable_checkpointing": False}},
+            r"^trainer\.enable_checkpointing: .*interrupted run resumes",
+        ),
+        ({"trainer": {"logger": "csv"}}, r"^trainer\.logger: Expected `trainer\.logger` to be true or false"),
+        (
+            {"trainer": {"callbacks": "EarlyStopping"}},
+            r"^trainer\.callbacks: Expected `trainer\.callbacks` to be a list",
+        ),
+        (
+            {"trainer": {"callbacks": [{"init_args": {"monitor": "val/acc"}}]}},
+            r"^trainer\.callbacks\[0\]: Expected `trainer\.callbacks\[0\]\.class_path`",
+        ),
+        (
+            {"trainer": {"callbacks": ["lightning.pytorch.callbacks.EarlyStop"]}},
+            r"^trainer\.callbacks\[0\]: Unknown component 'EarlyStop'.*'EarlyStopping'",
+        ),
+        (
+            {"trainer": {"callbacks": ["lightning_hybridcomp.models.ImageClassifier"]}},
+            r"^trainer\.callbacks\[0\]: .*to name a subclass of Callback",
+        ),
+        (
+            {
+                "trainer": {
+                    "callbacks": [
+                        "lightning.pytorch.callbacks.LearningRateMonitor",
+                        {
+                            "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                            "init_args": {"monitr": "x"},
+                        },
+                    ]
+                }
+            },
+            r"^trainer\.callbacks\[1\]: Unknown key\(s\) \['monitr'\] in `trainer\.callbacks\[1\]\.init_args`",
+        ),
+        ({"trainer": 3}, r"^trainer: Expected `trainer` to be a mapping of arguments, got 3"),
+        (
+            {"moe": {"options": {"experts": ["a.pt2", "b.pt2"]}}},
+            r"^moe\.options\.experts: Expected no `experts` in `options`: the MoE routes the run's own `experts`",
+        ),
+        (
+            {"moe": {"options": {"freeze_experts": False}}},
+            r"^moe\.options\.freeze_experts: .*`moe\.variants` decides it",
+        ),
+        ({"moe": {"options": ["gate"]}}, r"^moe\.options: Expected `moe\.options` to be a mapping"),
+    ],
+    ids=[
+        "max-epochs",
+        "root-dir",
+        "checkpointing",
+        "logger",
+        "callbacks-not-a-list",
+        "callback-without-class",
+        "callback-unknown",
+        "callback-not-a-callback",
+        "callback-arguments",
+        "trainer-not-a-mapping",
+        "moe-experts",
+        "moe-freeze",
+        "moe-options-not-a-mapping",
+    ],
+)
+def test_what_each_phase_sets_itself_is_refused_with_the_reason(tmp_path, change, match) -> None:
+    raw = {**_raw(tmp_path / "run"), **change}
+    with pytest.raises(PipelineConfigError, match=match):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_valid_keys_leave_out_what_the_pipeline_sets(tmp_path) -> None:
+    raw = {**_raw(tmp_path / "run"), "trainer": {"max_epoch": 3}, "moe": {"options": {"gat": "cnn"}}}
+    with pytest.raises(PipelineConfigError) as found:
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    messages = dict(found.value.problems)
+    assert "'limit_train_batches'" in messages["trainer"] and "'max_epochs'" not in messages["trainer"]
+    assert "'gate'" in messages["moe.options"]
+    assert "'experts'" not in messages["moe.options"] and "'freeze_experts'" not in messages["moe.options"]
+
+
+def test_trainer_callbacks_are_built_anew_for_every_phase(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    monitor = {
+        "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+        "init_args": {"logging_interval": "epoch"},
+    }
+    raw["trainer"] = {**raw["trainer"], "callbacks": [monitor]}
+    pipeline = Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    own = pl.callbacks.EarlyStopping(monitor="val/acc")
+    first = pipeline.phase_trainer(tmp_path / "a", "a", 2, [own])
+    second = pipeline.phase_trainer(tmp_path / "b", "b", 3, [])
+    (made,) = [c for c in first.callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
+    (again,) = [c for c in second.callbacks if isinstance(c, pl.callbacks.LearningRateMonitor)]
+    assert made is not again and made.logging_interval == "epoch"
+    assert first.callbacks.index(own) < first.callbacks.index(made)  # the phase's own callbacks run first
+    assert first.max_epochs == 2 and second.max_epochs == 3
+    assert any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in first.callbacks)  # still resumable
+    assert next(type(lg).__name__ for lg in first.loggers) == "CSVLogger"
+
+
+def test_trainer_logger_false_turns_the_phase_logs_off(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["trainer"] = {**raw["trainer"], "logger": False}
+    trainer = Pipeline(parse_pipeline_config(raw), say=lambda _: None).phase_trainer(
+        tmp_path / "a", "a", 1, []
+    )
+    assert trainer.loggers == []
