@@ -402,7 +402,13 @@ def required_init_parameters(cls: type) -> list[str]:
 
 
 #: The LightningModule hooks where a module may build its network after the callbacks' ``setup``.
+#: The module's hooks that may build its network after the callbacks' ``setup``, in the order Lightning calls them.
 _LATE_BUILD_HOOKS = ("setup", "configure_model", "configure_sharded_model")
+
+
+def late_build_hooks(pl_module: pl.LightningModule) -> list[str]:
+    """The hooks of :data:`_LATE_BUILD_HOOKS` that the module overrides, in Lightning's order."""
+    return [hook for hook in _LATE_BUILD_HOOKS if is_overridden(hook, pl_module)]
 
 
 def network_built_later(pl_module: pl.LightningModule) -> bool:
@@ -412,7 +418,7 @@ def network_built_later(pl_module: pl.LightningModule) -> bool:
     and before it restores a checkpoint, so callbacks resolve layer names of such a module at
     ``on_fit_start`` (or when the checkpoint is restored) instead.
     """
-    return any(is_overridden(hook, pl_module) for hook in _LATE_BUILD_HOOKS)
+    return bool(late_build_hooks(pl_module))
 
 
 def forward_network(pl_module: pl.LightningModule) -> nn.Module | None:

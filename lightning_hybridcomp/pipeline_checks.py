@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_hybridcomp._lightning import late_build_hooks
 from lightning_hybridcomp._validation import is_int
 from lightning_hybridcomp.callbacks.distillation import KnowledgeDistillation
 from lightning_hybridcomp.callbacks.pruning import StructuredPruning
@@ -97,8 +99,33 @@ def _constructed(
     return make(spec)
 
 
-def _set_up(callback: Callback, trainer: pl.Trainer, model: pl.LightningModule) -> None:
+def _build_late_network(model: pl.LightningModule) -> bool:
+    """Run the hooks in which ``model`` builds its network after the callbacks' ``setup``, as a fit would.
+
+    Lightning calls the module's own ``setup`` and ``configure_model`` after every callback's ``setup``,
+    so the layer names of such a network are there only then. The hooks run on the meta device (for
+    real where a hook cannot run there). Returns whether they ran: ``False`` for a module without such
+    hooks, and for hooks that need what a fit has (a Trainer, the data), whose network the phase checks
+    when it starts, reporting then what fails.
+    """
+    hooks = late_build_hooks(model)
+    if not hooks:
+        return False
+    for device in ("meta", None):
+        try:
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                for hook in hooks:
+                    getattr(model, hook)(*(["fit"] if hook == "setup" else []))
+        except Exception:
+            continue
+        return True
+    return False
+
+
+def _set_up(callback: Callback, trainer: pl.Trainer, model: pl.LightningModule, built_late: bool) -> None:
     callback.setup(trainer, model, "fit")
+    if built_late:  # its network is there now: check the names in it, as `on_fit_start` does in a fit
+        callback.on_fit_start(trainer, model)
 
 
 @contextlib.contextmanager
@@ -165,6 +192,7 @@ def _check(pipeline: Pipeline) -> _Problems:
 
     # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
     distillation = partial(pipeline.distillation_callback, teacher=nn.Identity())
+    built_late: dict[int, bool] = {}  # per model: whether the network its own hooks build is there
     for i, expert in enumerate(config.experts):
         section = f"experts[{i}]"
         expert_model = model
@@ -201,9 +229,12 @@ def _check(pipeline: Pipeline) -> _Problems:
         )
         if trainer is None or expert_model is None:
             continue
+        if id(expert_model) not in built_late:
+            built_late[id(expert_model)] = _build_late_network(expert_model)
         for callback, where, paths in built:  # schedules against `max_epochs`, layer names against the model
             own = {"max_epochs": f"{section}.max_epochs", **paths}
-            problems.attempt(partial(_set_up, callback, trainer, expert_model), where, own)
+            setup = partial(_set_up, callback, trainer, expert_model, built_late[id(expert_model)])
+            problems.attempt(setup, where, own)
 
     moe = config.moe
     count = len(config.experts)

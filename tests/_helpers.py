@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_hybridcomp.data import DigitsDataModule
+from lightning_hybridcomp.models import ImageClassifier, build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,3 +153,28 @@ def pipeline_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
 def done_marker_times(run_dir: Path) -> dict[str, float]:
     """Modification time of every phase's ``done.json`` in a pipeline run directory, by relative path."""
     return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("done.json")}
+
+
+class LateBuiltClassifier(ImageClassifier):
+    """An ``ImageClassifier`` whose network its own ``hook`` builds (``"configure_model"`` or ``"setup"``),
+    which Lightning calls after every callback's ``setup``: how large models are often built."""
+
+    def __init__(self, hook: str = "configure_model", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.net = None  # type: ignore[assignment]
+        self.hook = hook
+
+    def _build(self) -> None:
+        if self.net is None:
+            h = self.hparams
+            self.net = build_backbone(
+                h.backbone, h.num_classes, h.in_channels, width=h.width, weights=h.weights
+            )
+
+    def configure_model(self) -> None:
+        if self.hook == "configure_model":
+            self._build()
+
+    def setup(self, stage: str) -> None:
+        if self.hook == "setup":
+            self._build()

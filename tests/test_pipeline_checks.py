@@ -332,3 +332,22 @@ def test_trainer_logger_false_turns_the_phase_logs_off(tmp_path) -> None:
         tmp_path / "a", "a", 1, []
     )
     assert trainer.loggers == []
+
+
+@pytest.mark.parametrize("hook", ["configure_model", "setup"])
+def test_layer_names_of_a_network_the_module_builds_itself_are_checked_before_training(
+    tmp_path, hook
+) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["baseline"]["model"]["class_path"] = "tests._helpers.LateBuiltClassifier"
+    raw["baseline"]["model"]["init_args"]["hook"] = hook
+    Pipeline(parse_pipeline_config(copy.deepcopy(raw)), say=lambda _: None)  # right names: no refusal
+    raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
+    raw["experts"][0]["quantization"]["module"] = "nett"
+    with pytest.raises(PipelineConfigError) as found:
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    problems = dict(found.value.problems)
+    assert sorted(problems) == ["experts[0].quantization.module", "experts[1].pruning.ignored_layers"]
+    assert "'net.no_such_layer' matches nothing" in problems["experts[1].pruning.ignored_layers"]
+    assert "Did you mean one of ['net']" in problems["experts[0].quantization.module"]
+    assert not (tmp_path / "run").exists()
