@@ -401,9 +401,8 @@ def required_init_parameters(cls: type) -> list[str]:
     return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind not in variadic]
 
 
-#: The LightningModule hooks where a module may build its network after the callbacks' ``setup``.
 #: The module's hooks that may build its network after the callbacks' ``setup``, in the order Lightning calls them.
-_LATE_BUILD_HOOKS = ("setup", "configure_model", "configure_sharded_model")
+_LATE_BUILD_HOOKS = ("setup", "configure_sharded_model", "configure_model")
 
 
 def late_build_hooks(pl_module: pl.LightningModule) -> list[str]:

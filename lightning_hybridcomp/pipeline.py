@@ -117,6 +117,15 @@ class _Phase:
         return self.spec.label
 
 
+#: The package's callbacks that the phases add where the configuration asks for them: refused in
+#: ``trainer.callbacks``.
+_PHASE_CALLBACKS: dict[type, str] = {
+    StructuredPruning: "`experts[i].pruning`",
+    QuantizationAwareTraining: "`experts[i].quantization`",
+    KnowledgeDistillation: "`experts[i].distillation`, `moe.distillation`",
+}
+
+
 class Pipeline:
     """One run of the two-phase method, resumable from its run directory.
 
@@ -201,9 +210,19 @@ class Pipeline:
         return loggers
 
     def phase_trainer(
-        self, folder: Path, label: str, max_epochs: int, callbacks: list[Callback]
+        self,
+        folder: Path,
+        label: str,
+        max_epochs: int,
+        callbacks: list[Callback],
+        *,
+        user_callbacks: bool = True,
     ) -> pl.Trainer:
-        """The Trainer of one phase: its checkpoints in ``folder``, its logs under ``logs/<label>``."""
+        """The Trainer of one phase: its checkpoints in ``folder``, its logs under ``logs/<label>``.
+
+        ``callbacks`` are the phase's own; ``trainer.callbacks`` are built anew and follow them unless
+        ``user_callbacks`` is ``False``.
+        """
         # The latest epoch's checkpoint, kept under the name `last.ckpt`. (`save_last=True` with
         # `save_top_k=0` writes `last.ckpt` only at the end of fit: Lightning 2.6 saves "last" only at steps
         # where a top-k checkpoint was saved, so a phase killed mid-training would start again.)
@@ -211,7 +230,8 @@ class Pipeline:
             dirpath=str(folder / "checkpoints"), filename="last", save_top_k=1, enable_version_counter=False
         )
         extra = dict(self.config.trainer)
-        user = trainer_callbacks(extra.pop("callbacks", []), Callback)  # built anew for every phase
+        entries = extra.pop("callbacks", [])
+        user = trainer_callbacks(entries, Callback, _PHASE_CALLBACKS) if user_callbacks else []
         kwargs: dict[str, Any] = {
             "max_epochs": max_epochs,
             "logger": self._loggers(label) if extra.pop("logger", True) else False,

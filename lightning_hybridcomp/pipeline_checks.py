@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Collection, Iterator
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -77,12 +77,21 @@ class _Problems:
             return None
 
 
-def _on_meta(pipeline: Pipeline, lr: float | None) -> pl.LightningModule:
-    """The model on the meta device; a model whose constructor cannot run there is built for real."""
+class _CheckedModel(NamedTuple):
+    """A model the callbacks are checked on, and whether its own hooks built its network (see below)."""
+
+    module: pl.LightningModule
+    built_late: bool
+
+
+def _on_meta(pipeline: Pipeline, lr: float | None) -> _CheckedModel:
+    """The model on the meta device, with the network its own hooks build; a model whose constructor
+    cannot run there is built for real."""
     try:
-        return pipeline.baseline_model(lr, device="meta")
+        model = pipeline.baseline_model(lr, device="meta")
     except Exception:  # a constructor that computes on tensors (a dummy forward, `.item()`) fails on meta
-        return pipeline.baseline_model(lr)
+        model = pipeline.baseline_model(lr)
+    return _CheckedModel(model, _build_late_network(model))
 
 
 def _constructed(
@@ -97,6 +106,10 @@ def _constructed(
     the ``owned`` ones the pipeline sets itself)."""
     check_init_args(cls, arguments, section=section, owned=owned)
     return make(spec)
+
+
+#: The callbacks whose ``on_fit_start`` only resolves the names they were given in the network.
+_NAMING_CALLBACKS = (StructuredPruning, QuantizationAwareTraining)
 
 
 def _build_late_network(model: pl.LightningModule) -> bool:
@@ -124,7 +137,8 @@ def _build_late_network(model: pl.LightningModule) -> bool:
 
 def _set_up(callback: Callback, trainer: pl.Trainer, model: pl.LightningModule, built_late: bool) -> None:
     callback.setup(trainer, model, "fit")
-    if built_late:  # its network is there now: check the names in it, as `on_fit_start` does in a fit
+    if built_late and isinstance(callback, _NAMING_CALLBACKS):
+        # The network is there now: its names are checked as these callbacks' `on_fit_start` does in a fit.
         callback.on_fit_start(trainer, model)
 
 
@@ -176,23 +190,25 @@ def _check(pipeline: Pipeline) -> _Problems:
     trainer_paths = {n: f"trainer.{n}" for n in config.trainer}
     folder = pipeline.run_dir / "baseline"
 
-    def make_trainer(*args: Any) -> pl.Trainer:
+    def make_trainer(*args: Any, user_callbacks: bool = False) -> pl.Trainer:
+        # `trainer.callbacks` are checked with the baseline's Trainer alone: an entry refused there does
+        # not keep the experts' Trainers, and so their callbacks' checks, from being built.
         return _constructed(
             pl.Trainer,
             config.trainer,
             "trainer",
-            lambda a: pipeline.phase_trainer(*a),
+            lambda a: pipeline.phase_trainer(*a, user_callbacks=user_callbacks),
             args,
             owned=PHASE_TRAINER_ARGUMENTS,
         )
 
-    problems.attempt(
-        partial(make_trainer, folder, "baseline", config.baseline.max_epochs, []), "trainer", trainer_paths
+    baseline_trainer = partial(
+        make_trainer, folder, "baseline", config.baseline.max_epochs, [], user_callbacks=True
     )
+    problems.attempt(baseline_trainer, "trainer", trainer_paths)
 
     # The baseline's artifact does not exist yet: a stand-in teacher, the arguments are what is checked.
     distillation = partial(pipeline.distillation_callback, teacher=nn.Identity())
-    built_late: dict[int, bool] = {}  # per model: whether the network its own hooks build is there
     for i, expert in enumerate(config.experts):
         section = f"experts[{i}]"
         expert_model = model
@@ -229,11 +245,9 @@ def _check(pipeline: Pipeline) -> _Problems:
         )
         if trainer is None or expert_model is None:
             continue
-        if id(expert_model) not in built_late:
-            built_late[id(expert_model)] = _build_late_network(expert_model)
         for callback, where, paths in built:  # schedules against `max_epochs`, layer names against the model
             own = {"max_epochs": f"{section}.max_epochs", **paths}
-            setup = partial(_set_up, callback, trainer, expert_model, built_late[id(expert_model)])
+            setup = partial(_set_up, callback, trainer, expert_model.module, expert_model.built_late)
             problems.attempt(setup, where, own)
 
     moe = config.moe

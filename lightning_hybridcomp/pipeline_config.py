@@ -398,6 +398,10 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+#: Mapping fields whose ``null`` means their default: an empty ``trainer``, the default MoE ``options``.
+_NULL_IS_DEFAULT = frozenset({"trainer", "options"})
+
+
 def _component(value: Any, section: str) -> ComponentConfig:
     if isinstance(value, str):
         return ComponentConfig(value)
@@ -408,7 +412,10 @@ def _component(value: Any, section: str) -> ComponentConfig:
     _check_keys(section, value, ["class_path", "init_args"])
     if "class_path" not in value:
         raise ValueError(f"Expected `{section}.class_path`, got only {sorted(value)}.")
-    return ComponentConfig(str(value["class_path"]), dict(value.get("init_args") or {}))
+    init_args = value.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"Expected `{section}.init_args` to be a mapping of arguments, got {init_args!r}.")
+    return ComponentConfig(str(value["class_path"]), dict(init_args))
 
 
 def _build(cls: type, value: Any, section: str) -> Any:
@@ -423,6 +430,8 @@ def _build(cls: type, value: Any, section: str) -> Any:
                 raise ValueError(f"Missing required key `{section}.{f.name}`.")
             continue
         item = value[f.name]
+        if item is None and f.name in _NULL_IS_DEFAULT:
+            continue  # `trainer: null` (as Lightning's printed configs write it) is the default
         if f.name in ("model", "data"):
             item = _component(item, f"{section}.{f.name}" if section else f.name)
         elif f.name in _SECTIONS and cls is PipelineConfig:
@@ -560,8 +569,17 @@ def _pipeline_owned(given: Any, section: str, owned: dict[str, str]) -> list[tup
     ]
 
 
+#: ``trainer`` keys whose ``null`` means "not given".
+_TRAINER_NULL_IS_UNSET = frozenset({*PHASE_TRAINER_ARGUMENTS, "callbacks", "logger"})
+
+
 def _trainer_problems(trainer: Any) -> list[tuple[str, str]]:
-    """The problems of ``trainer``: the arguments a phase sets itself, ``callbacks`` and ``logger`` entries."""
+    """The problems of ``trainer``: the arguments a phase sets itself, ``callbacks`` and ``logger`` entries.
+
+    A ``null`` value of those is "not given", as in the configurations Lightning prints.
+    """
+    if isinstance(trainer, dict):
+        trainer = {k: v for k, v in trainer.items() if not (v is None and k in _TRAINER_NULL_IS_UNSET)}
     problems = _pipeline_owned(trainer, "trainer", PHASE_TRAINER_ARGUMENTS)
     if not isinstance(trainer, dict):
         return problems
@@ -591,20 +609,46 @@ def _trainer_problems(trainer: Any) -> list[tuple[str, str]]:
     return problems
 
 
-def trainer_callbacks(entries: list[Any], base: type) -> list[Any]:
+def _normalised_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """``trainer`` as the phases use and fingerprint it: without "not given" values and empty ``callbacks``,
+    each callback as ``{class_path, init_args}`` (a class path and its mapping then fingerprint alike)."""
+    normalised = {k: v for k, v in trainer.items() if not (v is None and k in _TRAINER_NULL_IS_UNSET)}
+    callbacks = normalised.pop("callbacks", [])
+    if callbacks:
+        normalised["callbacks"] = [
+            asdict(_component(entry, f"trainer.callbacks[{i}]")) for i, entry in enumerate(callbacks)
+        ]
+    return normalised
+
+
+def trainer_callbacks(entries: list[Any], base: type, refused: dict[type, str] | None = None) -> list[Any]:
     """The callbacks of ``trainer.callbacks`` (``class_path`` entries or class paths), newly built.
 
     Each phase builds its own, so no state passes from one phase's Trainer to the next.
 
+    Args:
+        entries: the ``trainer.callbacks`` list.
+        base: the class every entry must name a subclass of (Lightning's ``Callback``).
+        refused: classes the phases add themselves where the configuration asks for them, each with where.
+
     Raises:
         PipelineConfigError: the first entry that cannot be built, under its YAML path.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # lightning: not at import
+
     built = []
     for i, entry in enumerate(entries):
         section = f"trainer.callbacks[{i}]"
         try:
-            built.append(_component(entry, section).instantiate(base, section=section))
-        except (ValueError, TypeError) as err:  # TypeError: a constructor that refuses its arguments
+            cls = _component(entry, section).resolve(base, section=section)
+            owner = next((where for kind, where in (refused or {}).items() if issubclass(cls, kind)), None)
+            if owner is not None:
+                raise ValueError(
+                    f"Expected no {cls.__name__} in `trainer.callbacks`: the pipeline adds it to the phases that"
+                    f" ask for it ({owner})."
+                )
+            built.append(cls(**_component(entry, section).init_args))
+        except (ValueError, TypeError, MisconfigurationException) as err:  # a constructor's refusal
             raise PipelineConfigError([(section, " ".join(str(err).split()))]) from err
     return built
 
@@ -625,6 +669,8 @@ def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:
     """
     config = _build(PipelineConfig, raw or {}, "")
     problems = _problems(config)
+    if not problems:
+        config.trainer = _normalised_trainer(config.trainer)
     if problems:
         raise PipelineConfigError(problems)
     return config

@@ -60,9 +60,7 @@ _OWNED = (
     CONFIG_FILE,
 )
 #: Trainer options that change how a run looks, not what it computes: changing them redoes nothing.
-_COSMETIC_TRAINER_OPTIONS = frozenset(
-    {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger"}
-)
+_COSMETIC_TRAINER_OPTIONS = frozenset({"enable_progress_bar", "enable_model_summary", "log_every_n_steps"})
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:

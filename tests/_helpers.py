@@ -159,10 +159,13 @@ class LateBuiltClassifier(ImageClassifier):
     """An ``ImageClassifier`` whose network its own ``hook`` builds (``"configure_model"`` or ``"setup"``),
     which Lightning calls after every callback's ``setup``: how large models are often built."""
 
-    def __init__(self, hook: str = "configure_model", **kwargs: Any) -> None:
+    def __init__(
+        self, hook: str = "configure_model", automatic_optimization: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.net = None  # type: ignore[assignment]
         self.hook = hook
+        self.automatic_optimization = automatic_optimization
 
     def _build(self) -> None:
         if self.net is None:

@@ -351,3 +351,82 @@ def test_layer_names_of_a_network_the_module_builds_itself_are_checked_before_tr
     assert "'net.no_such_layer' matches nothing" in problems["experts[1].pruning.ignored_layers"]
     assert "Did you mean one of ['net']" in problems["experts[0].quantization.module"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_late_built_network_with_distillation_is_checked_by_name_only(tmp_path) -> None:
+    # Distillation refuses manual optimization when its phase starts; the checks resolve names alone.
+    raw = _raw(tmp_path / "run")
+    raw["baseline"]["model"]["class_path"] = "tests._helpers.LateBuiltClassifier"
+    raw["baseline"]["model"]["init_args"]["automatic_optimization"] = False
+    raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
+    with pytest.raises(PipelineConfigError, match=r"^experts\[1\]\.pruning\.ignored_layers: .*no_such_layer"):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+
+
+def test_a_callback_refused_by_its_constructor_hides_no_other_problem(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    stop = {
+        "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+        "init_args": {"monitor": "x", "mode": "maximum"},
+    }
+    raw["trainer"] = {**raw["trainer"], "callbacks": [stop]}
+    raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
+    with pytest.raises(PipelineConfigError) as found:
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    problems = dict(found.value.problems)
+    assert sorted(problems) == ["experts[1].pruning.ignored_layers", "trainer.callbacks[0]"]
+    assert "`mode` can be min, max, got maximum" in problems["trainer.callbacks[0]"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (
+            "lightning_hybridcomp.callbacks.StructuredPruning",
+            r"Expected no StructuredPruning in `trainer\.callbacks`.*`experts\[i\]\.pruning`",
+        ),
+        (
+            {
+                "class_path": "lightning_hybridcomp.callbacks.KnowledgeDistillation",
+                "init_args": {"teacher": "t.pt2"},
+            },
+            r"Expected no KnowledgeDistillation .*`moe\.distillation`",
+        ),
+        (
+            {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": [1]},
+            r"Expected `trainer\.callbacks\[0\]\.init_args` to be a mapping of arguments, got \[1\]",
+        ),
+    ],
+    ids=["pruning", "distillation", "init-args-not-a-mapping"],
+)
+def test_trainer_callbacks_refusals(tmp_path, entry, match) -> None:
+    raw = _raw(tmp_path / "run")
+    raw["trainer"] = {**raw["trainer"], "callbacks": [entry]}
+    with pytest.raises(PipelineConfigError, match=r"^trainer\.callbacks\[0\]: " + match):
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+
+
+def test_null_means_not_given_as_in_lightning_printed_configs(tmp_path) -> None:
+    raw = _raw(tmp_path / "run")
+    nulls = dict.fromkeys(["max_epochs", "default_root_dir", "enable_checkpointing", "logger", "callbacks"])
+    plain = parse_pipeline_config(raw)
+    with_nulls = parse_pipeline_config({**raw, "trainer": {**raw["trainer"], **nulls}})
+    assert with_nulls.trainer == plain.trainer
+    defaults = parse_pipeline_config({**raw, "trainer": None, "moe": {**raw["moe"], "options": None}})
+    assert defaults.trainer == {} and defaults.moe.options == parse_pipeline_config({}).moe.options
+
+
+def test_callbacks_fingerprint_alike_whichever_way_they_are_written(tmp_path) -> None:
+    from lightning_hybridcomp.pipeline_plan import phase_specs
+
+    monitor = "lightning.pytorch.callbacks.LearningRateMonitor"
+
+    def fingerprints(callbacks: Any) -> dict[str, str]:
+        raw = _raw(tmp_path / "run")
+        raw["trainer"] = {**raw["trainer"], "callbacks": callbacks}
+        return {spec.key: spec.fingerprint for spec in phase_specs(parse_pipeline_config(raw))}
+
+    assert fingerprints([monitor]) == fingerprints([{"class_path": monitor}])
+    assert fingerprints([monitor]) == fingerprints([{"class_path": monitor, "init_args": {}}])
+    assert fingerprints([]) == fingerprints(None)
+    assert fingerprints([monitor])["baseline"] != fingerprints([])["baseline"]  # callbacks can change results
