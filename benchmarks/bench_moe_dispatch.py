@@ -7,7 +7,8 @@ compile with inductor) and times, side by side in interleaved rounds on the firs
 - every MoE of the run as ``compile_experts_()`` makes it (experts padded to :func:`bucket_size`'s buckets
   of 1, 2, 3, 4, 6, 8, 12, ..., the gate compiled), and two older dispatches of the same experts for
   comparison: power-of-two buckets with an eager gate, and the new buckets with an eager gate;
-- the parts of the MoE: the gate alone (eager and compiled), the experts on their sub-batches, and the
+- the parts of the MoE: the gate alone (eager and compiled; and, latency only, the same gate on the input
+  pooled to half its size, ``gate_input_size``), the experts on their sub-batches, and the
   rest (top-k, gather and scatter, the mixture: the MoE's median minus the other two).
 
 Ratios are to the baseline's median in the same rounds. Latency only: predictions are the pipeline's.
@@ -31,10 +32,10 @@ import torch
 from _common import add_out_argument, run_config, write_result
 from torch import Tensor, nn
 
-from lightning_hybridcomp.artifacts import compile_artifact, load_artifact
+from lightning_hybridcomp.artifacts import InferenceOnly, compile_artifact, load_artifact
 from lightning_hybridcomp.moe import load_moe
 from lightning_hybridcomp.moe.dispatch import BucketedExpert, bucket_size, log_mixture, sparse_dispatch
-from lightning_hybridcomp.moe.gate import routing_mask, top_k_gate
+from lightning_hybridcomp.moe.gate import GateNetwork, routing_mask, top_k_gate
 from lightning_hybridcomp.moe.module import MoELightningModule
 from lightning_hybridcomp.pipeline import Pipeline
 from lightning_hybridcomp.pipeline_config import load_pipeline_config
@@ -122,6 +123,15 @@ def main() -> None:
         parts[f"{name} | bucket_size buckets, eager gate"] = (_dispatch_with(moe, fine, moe.gate, k), images)
         parts[f"{name} | gate (eager)"] = (moe.gate, images)
         parts[f"{name} | gate (compiled)"] = (compiled_gate, images)
+        if isinstance(moe.gate, GateNetwork) and moe.gate.input_size is None:
+            # Latency only (untrained weights): the same gate on the input average-pooled to half its size,
+            # compiled as `compile_experts_()` compiles a gate.
+            half = int(images.shape[-1]) // 2
+            pooled = GateNetwork(moe.gate.in_channels, moe.num_experts, moe.gate.channels, input_size=half)
+            parts[f"{name} | gate_input_size={half} gate (compiled)"] = (
+                InferenceOnly(torch.compile(pooled.eval(), dynamic=True)),
+                images,
+            )
         parts[f"{name} | experts on sub-batches"] = (_experts_on_sub_batches(fine, sub_batches), images)
 
     timings = interleaved_latencies(parts, rounds=args.rounds, warmup=args.warmup)

@@ -302,7 +302,8 @@ def compile_artifact(module: nn.Module, *, dynamic: bool = False) -> nn.Module:
             plain ``torch.export`` program.
         dynamic: passed to ``torch.compile``. The default compiles once per batch size (about a second
             each for small nets): with a symbolic batch size, torch 2.14's int8 convolution lowering fails
-            with a stride mismatch. ``True`` is fine for fp32 programs.
+            with a stride mismatch on single-channel inputs. ``True`` is fine for fp32 programs and for
+            int8 programs of inputs with several channels.
 
     Raises:
         TypeError: if ``module`` is not an ``nn.Module``.
