@@ -181,3 +181,11 @@ class LateBuiltClassifier(ImageClassifier):
     def setup(self, stage: str) -> None:
         if self.hook == "setup":
             self._build()
+
+
+class ManualClassifier(ImageClassifier):
+    """An ``ImageClassifier`` with ``automatic_optimization`` as given (its own steps are not run here)."""
+
+    def __init__(self, automatic_optimization: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = automatic_optimization

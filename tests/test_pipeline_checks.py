@@ -353,14 +353,21 @@ def test_layer_names_of_a_network_the_module_builds_itself_are_checked_before_tr
     assert not (tmp_path / "run").exists()
 
 
-def test_a_late_built_network_with_distillation_is_checked_by_name_only(tmp_path) -> None:
-    # Distillation refuses manual optimization when its phase starts; the checks resolve names alone.
+@pytest.mark.parametrize(
+    "class_path", ["tests._helpers.LateBuiltClassifier", "tests._helpers.ManualClassifier"]
+)
+def test_distillation_into_manual_optimization_is_refused_with_the_other_problems(
+    tmp_path, class_path
+) -> None:
     raw = _raw(tmp_path / "run")
-    raw["baseline"]["model"]["class_path"] = "tests._helpers.LateBuiltClassifier"
+    raw["baseline"]["model"]["class_path"] = class_path
     raw["baseline"]["model"]["init_args"]["automatic_optimization"] = False
     raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
-    with pytest.raises(PipelineConfigError, match=r"^experts\[1\]\.pruning\.ignored_layers: .*no_such_layer"):
+    with pytest.raises(PipelineConfigError) as found:
         Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    problems = dict(found.value.problems)
+    assert sorted(problems) == ["experts[0].distillation", "experts[1].pruning.ignored_layers"]
+    assert "manual optimization does not use" in problems["experts[0].distillation"]
 
 
 def test_a_callback_refused_by_its_constructor_hides_no_other_problem(tmp_path) -> None:

@@ -127,13 +127,13 @@ class KnowledgeDistillation(Callback):
     # ------------------------------------------------------------------ hooks
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _check_automatic_optimization(pl_module)  # before training, as far as it is known here
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not pl_module.automatic_optimization:
-            raise RuntimeError(
-                "KnowledgeDistillation mixes its loss into the loss `training_step` returns, which manual"
-                " optimization does not use; add `soft_target_loss(student_logits, teacher_logits, T)` to"
-                " your own loss instead."
-            )
+        _check_automatic_optimization(pl_module)  # again: the module's own `setup` may have switched it
         self.teacher.to(pl_module.device)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -220,3 +220,12 @@ class KnowledgeDistillation(Callback):
         )
         mixed = (1 - self.alpha) * loss + self.alpha * soft.to(loss.dtype)
         return {**out, "loss": mixed} if isinstance(out, dict) else mixed
+
+
+def _check_automatic_optimization(pl_module: pl.LightningModule) -> None:
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            "KnowledgeDistillation mixes its loss into the loss `training_step` returns, which manual"
+            " optimization does not use; add `soft_target_loss(student_logits, teacher_logits, T)` to"
+            " your own loss instead."
+        )

@@ -135,7 +135,7 @@ class ManualOptimization(Student):
     [
         (NoForward, 3, ValueError, "called no forward of the module"),
         (Student, 4, ValueError, r"teacher's logits to have the student's shape \(16, 3\), got \(16, 4\)"),
-        (ManualOptimization, 3, RuntimeError, "manual optimization"),
+        (ManualOptimization, 3, ValueError, "manual optimization"),
     ],
 )
 def test_modules_it_cannot_distill_into_are_named(student, teacher_classes, error, match) -> None:
@@ -144,6 +144,18 @@ def test_modules_it_cannot_distill_into_are_named(student, teacher_classes, erro
     with pytest.raises(error, match=match):
         fast_trainer(max_steps=1, callbacks=[callback]).fit(module, _one_batch())
     assert "training_step" not in module.__dict__
+
+
+def test_manual_optimization_is_refused_before_training() -> None:
+    module = ManualOptimization()
+    weights = [p.detach().clone() for p in module.parameters()]
+    trainer = fast_trainer(max_steps=1, callbacks=[KnowledgeDistillation(nn.Linear(SHAPE[0], 3))])
+    with pytest.raises(ValueError, match="manual optimization does not use"):
+        trainer.callbacks[0].setup(trainer, module, "fit")  # what the pipeline's checks call
+    with pytest.raises(ValueError, match="manual optimization does not use"):
+        trainer.fit(module, _one_batch())
+    assert trainer.global_step == 0
+    assert all(torch.equal(p, w) for p, w in zip(module.parameters(), weights))
 
 
 class KeywordOnly(Student):
