@@ -39,10 +39,16 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def run_config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    """The command-line arguments as JSON values (paths as strings), with ``torch`` and ``extra`` added."""
+    """The command-line arguments as JSON values (paths, also in lists, as strings), with ``torch`` and ``extra``
+    added."""
     import torch
 
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    def plain(value: Any) -> Any:
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    config = {k: plain(v) for k, v in vars(args).items()}
     return {**config, "torch": torch.__version__, **extra}
 
 
