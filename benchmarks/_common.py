@@ -38,6 +38,16 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup: int) -> None:
+    """``--rounds`` interleaved timing rounds (the median is reported), ``--warmup`` untimed ones, and
+    ``--threads`` (torch's intra-op threads; default: torch's own)."""
+    import torch
+
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+
+
 def run_config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     """The command-line arguments as JSON values (paths, also in lists, as strings), with ``torch`` and ``extra``
     added."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_out_argument, run_config, write_result
+from _common import add_out_argument, add_timing_arguments, run_config, write_result
 from torch import Tensor, nn
 
 from lightning_hybridcomp.artifacts import InferenceOnly, compile_artifact, load_artifact
@@ -73,9 +73,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="the finished run's pipeline YAML")
     parser.add_argument("--run-dir", default=None, help="the run's folder (default: the config's run_dir)")
     parser.add_argument("--batch", type=int, default=64, help="images per batch (the first test images)")
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_timing_arguments(parser, rounds=30, warmup=3)
     add_out_argument(parser, "benchmarks/results/bench_moe_dispatch.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

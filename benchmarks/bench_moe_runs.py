@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_out_argument, run_config, write_result
+from _common import add_out_argument, add_timing_arguments, run_config, write_result
 from torch import Tensor
 
 from lightning_hybridcomp.artifacts import compile_artifact, load_artifact
@@ -52,9 +52,7 @@ def main() -> None:
         "--config", type=Path, action="append", required=True, help="a finished run's pipeline YAML (repeat)"
     )
     parser.add_argument("--batch", type=int, action="append", help="batch sizes to time (default: 64 and 1)")
-    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (median reported)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_timing_arguments(parser, rounds=40, warmup=5)
     add_out_argument(parser, "benchmarks/results/bench_moe_runs.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
