@@ -573,13 +573,18 @@ def _pipeline_owned(given: Any, section: str, owned: dict[str, str]) -> list[tup
 _TRAINER_NULL_IS_UNSET = frozenset({*PHASE_TRAINER_ARGUMENTS, "callbacks", "logger"})
 
 
+def _given(trainer: dict[str, Any]) -> dict[str, Any]:
+    """``trainer`` without the keys of :data:`_TRAINER_NULL_IS_UNSET` that are ``null`` (not given)."""
+    return {k: v for k, v in trainer.items() if not (v is None and k in _TRAINER_NULL_IS_UNSET)}
+
+
 def _trainer_problems(trainer: Any) -> list[tuple[str, str]]:
     """The problems of ``trainer``: the arguments a phase sets itself, ``callbacks`` and ``logger`` entries.
 
     A ``null`` value of those is "not given", as in the configurations Lightning prints.
     """
     if isinstance(trainer, dict):
-        trainer = {k: v for k, v in trainer.items() if not (v is None and k in _TRAINER_NULL_IS_UNSET)}
+        trainer = _given(trainer)
     problems = _pipeline_owned(trainer, "trainer", PHASE_TRAINER_ARGUMENTS)
     if not isinstance(trainer, dict):
         return problems
@@ -612,7 +617,7 @@ def _trainer_problems(trainer: Any) -> list[tuple[str, str]]:
 def _normalised_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
     """``trainer`` as the phases use and fingerprint it: without "not given" values and empty ``callbacks``,
     each callback as ``{class_path, init_args}`` (a class path and its mapping then fingerprint alike)."""
-    normalised = {k: v for k, v in trainer.items() if not (v is None and k in _TRAINER_NULL_IS_UNSET)}
+    normalised = _given(trainer)
     callbacks = normalised.pop("callbacks", [])
     if callbacks:
         normalised["callbacks"] = [
@@ -640,14 +645,15 @@ def trainer_callbacks(entries: list[Any], base: type, refused: dict[type, str] |
     for i, entry in enumerate(entries):
         section = f"trainer.callbacks[{i}]"
         try:
-            cls = _component(entry, section).resolve(base, section=section)
+            component = _component(entry, section)
+            cls = component.resolve(base, section=section)
             owner = next((where for kind, where in (refused or {}).items() if issubclass(cls, kind)), None)
             if owner is not None:
                 raise ValueError(
                     f"Expected no {cls.__name__} in `trainer.callbacks`: the pipeline adds it to the phases that"
                     f" ask for it ({owner})."
                 )
-            built.append(cls(**_component(entry, section).init_args))
+            built.append(cls(**component.init_args))
         except (ValueError, TypeError, MisconfigurationException) as err:  # a constructor's refusal
             raise PipelineConfigError([(section, " ".join(str(err).split()))]) from err
     return built
@@ -669,10 +675,9 @@ def parse_pipeline_config(raw: dict[str, Any] | None) -> PipelineConfig:
     """
     config = _build(PipelineConfig, raw or {}, "")
     problems = _problems(config)
-    if not problems:
-        config.trainer = _normalised_trainer(config.trainer)
     if problems:
         raise PipelineConfigError(problems)
+    config.trainer = _normalised_trainer(config.trainer)
     return config
 
 

@@ -23,6 +23,13 @@ def _raw(run_dir: Path) -> dict[str, Any]:
     return raw
 
 
+def _refusals(raw: dict[str, Any]) -> dict[str, str]:
+    """What the checks before training refuse in ``raw``, by YAML path (a refusal is expected)."""
+    with pytest.raises(PipelineConfigError) as found:
+        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
+    return dict(found.value.problems)
+
+
 def _cli(raw: dict[str, Any], tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -297,9 +304,7 @@ def test_what_each_phase_sets_itself_is_refused_with_the_reason(tmp_path, change
 
 def test_valid_keys_leave_out_what_the_pipeline_sets(tmp_path) -> None:
     raw = {**_raw(tmp_path / "run"), "trainer": {"max_epoch": 3}, "moe": {"options": {"gat": "cnn"}}}
-    with pytest.raises(PipelineConfigError) as found:
-        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
-    messages = dict(found.value.problems)
+    messages = _refusals(raw)
     assert "'limit_train_batches'" in messages["trainer"] and "'max_epochs'" not in messages["trainer"]
     assert "'gate'" in messages["moe.options"]
     assert "'experts'" not in messages["moe.options"] and "'freeze_experts'" not in messages["moe.options"]
@@ -344,9 +349,7 @@ def test_layer_names_of_a_network_the_module_builds_itself_are_checked_before_tr
     Pipeline(parse_pipeline_config(copy.deepcopy(raw)), say=lambda _: None)  # right names: no refusal
     raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
     raw["experts"][0]["quantization"]["module"] = "nett"
-    with pytest.raises(PipelineConfigError) as found:
-        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
-    problems = dict(found.value.problems)
+    problems = _refusals(raw)
     assert sorted(problems) == ["experts[0].quantization.module", "experts[1].pruning.ignored_layers"]
     assert "'net.no_such_layer' matches nothing" in problems["experts[1].pruning.ignored_layers"]
     assert "Did you mean one of ['net']" in problems["experts[0].quantization.module"]
@@ -363,9 +366,7 @@ def test_distillation_into_manual_optimization_is_refused_with_the_other_problem
     raw["baseline"]["model"]["class_path"] = class_path
     raw["baseline"]["model"]["init_args"]["automatic_optimization"] = False
     raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
-    with pytest.raises(PipelineConfigError) as found:
-        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
-    problems = dict(found.value.problems)
+    problems = _refusals(raw)
     assert sorted(problems) == ["experts[0].distillation", "experts[1].pruning.ignored_layers"]
     assert "manual optimization does not use" in problems["experts[0].distillation"]
 
@@ -378,9 +379,7 @@ def test_a_callback_refused_by_its_constructor_hides_no_other_problem(tmp_path) 
     }
     raw["trainer"] = {**raw["trainer"], "callbacks": [stop]}
     raw["experts"][1]["pruning"]["ignored_layers"] = ["net.no_such_layer"]
-    with pytest.raises(PipelineConfigError) as found:
-        Pipeline(parse_pipeline_config(raw), say=lambda _: None)
-    problems = dict(found.value.problems)
+    problems = _refusals(raw)
     assert sorted(problems) == ["experts[1].pruning.ignored_layers", "trainer.callbacks[0]"]
     assert "`mode` can be min, max, got maximum" in problems["trainer.callbacks[0]"]
 
