@@ -60,21 +60,25 @@ def main() -> None:
 
     configs = [load_pipeline_config(path) for path in args.config]
     first = Pipeline(configs[0], say=lambda _: None)
+    # Every model loaded and compiled once: a compiled program compiles anew for each batch size it meets.
+    first_dir = Path(configs[0].run_dir)
+    models: dict[str, Callable[[Tensor], Any]] = {
+        "baseline": compile_artifact(load_artifact(first_dir / "baseline" / "model.pt2").module)
+    }
+    accuracy = {k: v for k, v in _accuracies(first_dir).items() if k == "baseline"}
+    for config in configs:
+        run_dir = Path(config.run_dir)
+        measured = _accuracies(run_dir)
+        for run in config.moe.runs():
+            name = f"{run_dir.name} {run.name}"
+            models[name] = load_moe(run_dir / run.key / "moe.ckpt").eval().compile_experts_()
+            if run.name in measured:
+                accuracy[name] = measured[run.name]
     rows: list[dict[str, Any]] = []
     medians: dict[str, dict[str, float]] = {}
     for batch in args.batch or [64, 1]:
         images = first._latency_batch(batch)
-        baseline = compile_artifact(load_artifact(Path(configs[0].run_dir) / "baseline" / "model.pt2").module)
-        parts: dict[str, tuple[Callable[[Tensor], Any], Tensor]] = {"baseline": (baseline, images)}
-        accuracy = {k: v for k, v in _accuracies(Path(configs[0].run_dir)).items() if k == "baseline"}
-        for config in configs:
-            run_dir = Path(config.run_dir)
-            measured = _accuracies(run_dir)
-            for run in config.moe.runs():
-                name = f"{run_dir.name} {run.name}"
-                parts[name] = (load_moe(run_dir / run.key / "moe.ckpt").eval().compile_experts_(), images)
-                if run.name in measured:
-                    accuracy[name] = measured[run.name]
+        parts = {name: (model, images) for name, model in models.items()}
         with torch.no_grad():
             timings = interleaved_latencies(parts, rounds=args.rounds, warmup=args.warmup)
         medians[str(batch)] = {name: statistics.median(values) for name, values in timings.items()}
